@@ -1,0 +1,1 @@
+"""Data: the prepared files, JSONL readers, calibration windows, domain training and test sets."""

@@ -1,0 +1,276 @@
+"""Atomic file writes and per-layer score folders (ours and the original code's `.pt` layout).
+
+A score folder holds one safetensors file per decoder layer (keys are module names such as
+`self_attn.q_proj`, values fp32 tensors shaped like the weight) and `manifest.json`. The manifest is
+rewritten after every layer, so an interrupted run knows which layers are complete and resumes there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dpruner import __version__
+from dpruner.errors import DPrunerError
+
+SCORE_FORMAT = "dpruner-scores/1"
+MANIFEST = "manifest.json"
+RESUME_DIR = "_resume"
+
+# The original code's folder names for the 7 projections (stage 2 writes <Proj>/<layer>.pt).
+UPSTREAM_DUAL_DIRS = {
+    "Q": "self_attn.q_proj",
+    "K": "self_attn.k_proj",
+    "V": "self_attn.v_proj",
+    "O": "self_attn.o_proj",
+    "Gate": "mlp.gate_proj",
+    "Up": "mlp.up_proj",
+    "Down": "mlp.down_proj",
+}
+# Stage 1 of the original writes general_importance/<q_proj|...>/<layer>.pt.
+UPSTREAM_GENERAL_DIRS = {name.split(".")[1]: name for name in UPSTREAM_DUAL_DIRS.values()}
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; it replaces `target` only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside `target`; it is renamed to `target` only on success."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DPrunerError(f"{path}: file not found") from None
+    except json.JSONDecodeError as err:
+        raise DPrunerError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+
+
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise DPrunerError(f"{path}: file not found") from None
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise DPrunerError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def layer_file(folder: Path, layer: int) -> Path:
+    return folder / f"layer_{layer:03d}.safetensors"
+
+
+class ScoreWriter:
+    """Writes a score folder layer by layer, resuming a matching incomplete run.
+
+    `settings` identifies the run: an incomplete folder is resumed only when its settings are equal,
+    a complete one is never replaced without `overwrite`. Conflicts are raised by the constructor,
+    which writes nothing: the folder is touched only when the first layer is saved.
+    """
+
+    def __init__(self, folder: str | os.PathLike, *, kind: str, model: str, num_layers: int,
+                 modules: list[str], settings: dict[str, Any], overwrite: bool = False) -> None:
+        self.folder = Path(folder)
+        self.header = {
+            "format": SCORE_FORMAT,
+            "kind": kind,
+            "model": model,
+            "num_layers": num_layers,
+            "modules": modules,
+            "settings": settings,
+            "code_version": __version__,
+        }
+        self.layers_done = 0
+        self._clear_first = False  # replace an old folder, but only once the first layer is ready
+        manifest_path = self.folder / MANIFEST
+        if manifest_path.exists():
+            old = read_json(manifest_path)
+            if overwrite:
+                self._clear_first = True
+            elif old.get("complete"):
+                raise DPrunerError(
+                    f"{self.folder} already holds complete scores; pass --overwrite to replace them")
+            elif self._same_run(old):
+                self.layers_done = int(old.get("layers_done", 0))
+            else:
+                raise DPrunerError(
+                    f"{self.folder} holds an unfinished run with other settings "
+                    f"({self._first_difference(old)}); pass --overwrite to start over")
+        elif self.folder.exists() and any(self.folder.iterdir()):
+            if not overwrite:
+                raise DPrunerError(
+                    f"{self.folder} exists and is not a score folder; choose another --out or pass --overwrite")
+            self._clear_first = True
+
+    def _same_run(self, old: dict[str, Any]) -> bool:
+        return all(old.get(key) == value for key, value in self.header.items() if key != "code_version")
+
+    def _first_difference(self, old: dict[str, Any]) -> str:
+        for key, value in self.header.items():
+            if key == "settings":
+                for skey, sval in value.items():
+                    if old.get("settings", {}).get(skey) != sval:
+                        return f"{skey}: {old.get('settings', {}).get(skey)!r} there, {sval!r} now"
+            elif key != "code_version" and old.get(key) != value:
+                return f"{key}: {old.get(key)!r} there, {value!r} now"
+        return "unknown difference"
+
+    def _clear(self) -> None:
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+
+    def _write_manifest(self, complete: bool, summary: dict[str, Any] | None = None) -> None:
+        manifest = dict(self.header, layers_done=self.layers_done, complete=complete)
+        if summary:
+            manifest["summary"] = summary
+        write_json(self.folder / MANIFEST, manifest)
+
+    def resume_state(self, layer: int) -> dict[str, torch.Tensor]:
+        """Tensors saved with `save_layer(..., resume=...)` for a completed layer."""
+        return load_tensors(self.folder / RESUME_DIR / f"layer_{layer:03d}.safetensors")
+
+    def save_layer(self, layer: int, scores: Mapping[str, torch.Tensor],
+                   resume: Mapping[str, torch.Tensor] | None = None) -> None:
+        if layer != self.layers_done:
+            raise RuntimeError(f"layers must be saved in order: expected {self.layers_done}, got {layer}")
+        if self._clear_first:
+            self._clear()
+            self._clear_first = False
+        if resume is not None:
+            save_tensors(self.folder / RESUME_DIR / f"layer_{layer:03d}.safetensors", resume)
+        save_tensors(layer_file(self.folder, layer), {k: v.float() for k, v in scores.items()})
+        self.layers_done = layer + 1
+        self._write_manifest(complete=False)
+
+    def finish(self, summary: dict[str, Any] | None = None, keep_resume: bool = False) -> None:
+        if not keep_resume and (self.folder / RESUME_DIR).exists():
+            shutil.rmtree(self.folder / RESUME_DIR)
+        self._write_manifest(complete=True, summary=summary)
+
+
+@dataclass
+class ScoreSet:
+    """Read access to per-layer scores in any supported layout (ours or the original `.pt` folders)."""
+
+    folder: Path
+    layout: str  # "dpruner" | "upstream-dual" | "upstream-general"
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike) -> ScoreSet:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise DPrunerError(f"importance folder {folder} does not exist")
+        if (folder / MANIFEST).exists():
+            manifest = read_json(folder / MANIFEST)
+            if manifest.get("format") != SCORE_FORMAT:
+                raise DPrunerError(f"{folder / MANIFEST}: format {manifest.get('format')!r}, expected {SCORE_FORMAT!r}")
+            if not manifest.get("complete"):
+                raise DPrunerError(
+                    f"{folder} holds an unfinished run ({manifest.get('layers_done')} of "
+                    f"{manifest.get('num_layers')} layers); finish it first")
+            return cls(folder, "dpruner", manifest)
+        for layout, dirs in (("upstream-dual", UPSTREAM_DUAL_DIRS), ("upstream-general", UPSTREAM_GENERAL_DIRS)):
+            present = [d for d in dirs if (folder / d).is_dir()]
+            if present:
+                missing = sorted(set(dirs) - set(present))
+                if missing:
+                    raise DPrunerError(f"{folder}: original-layout importance lacks the folders {missing}")
+                layers = sorted(int(p.stem) for p in (folder / present[0]).glob("*.pt") if p.stem.isdigit())
+                num_layers = (layers[-1] + 1) if layers else 0
+                manifest = {"format": layout, "kind": "upstream", "num_layers": num_layers,
+                            "modules": list(dirs.values())}
+                return cls(folder, layout, manifest)
+        raise DPrunerError(
+            f"{folder} holds no importance scores (expected {MANIFEST}, or the original Q/K/V/O/Gate/Up/Down "
+            "or q_proj/.../down_proj folders of <layer>.pt files)")
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.manifest["num_layers"])
+
+    def layer(self, index: int) -> dict[str, torch.Tensor]:
+        if self.layout == "dpruner":
+            path = layer_file(self.folder, index)
+            if not path.exists():
+                raise DPrunerError(f"{self.folder}: scores for layer {index} are missing ({path.name})")
+            return load_tensors(path)
+        dirs = UPSTREAM_DUAL_DIRS if self.layout == "upstream-dual" else UPSTREAM_GENERAL_DIRS
+        out = {}
+        for short, module in dirs.items():
+            path = self.folder / short / f"{index}.pt"
+            if not path.exists():
+                raise DPrunerError(f"{self.folder}: scores for layer {index} are missing ({short}/{index}.pt)")
+            try:
+                tensor = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as err:
+                raise DPrunerError(f"{path}: cannot be read as a tensor with weights_only=True ({err})") from None
+            if not isinstance(tensor, torch.Tensor):
+                raise DPrunerError(f"{path}: holds {type(tensor).__name__}, expected a tensor")
+            out[module] = tensor.float()
+        return out
+
+
+def export_upstream_dual(scores: ScoreSet, out: str | os.PathLike) -> None:
+    """Write scores in the original stage-2 layout `<Proj>/<layer>.pt` (for use with the original scripts)."""
+    out = Path(out)
+    for layer in range(scores.num_layers):
+        tensors = scores.layer(layer)
+        for short, module in UPSTREAM_DUAL_DIRS.items():
+            with atomic_path(out / short / f"{layer}.pt") as tmp:
+                torch.save(tensors[module].clone(), tmp)

@@ -1,0 +1,84 @@
+"""The SparseGPT / OBS solver for one linear layer: scores, mask and compensated weights.
+
+Given W [rows=out, cols=in] and H = 2/n sum x x^T of its inputs, sweep the columns in blocks. At each
+block start the saliency w^2 / U_jj^2 (U the upper Cholesky factor of H^-1, so U_jj^2 is the inverse
+Hessian diagonal of the columns still present) picks the weights to prune; each pruned weight's error
+is pushed onto the remaining columns (OBS update), lazily for later blocks. Stage 1 of D-Pruner stores
+the saliency as the general importance; the SparseGPT baseline and MixCal keep the pruned weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dpruner.masks import lowest_k
+
+# SparseGPT defaults, also used by the original general.py.
+DEFAULT_BLOCKSIZE = 128
+DEFAULT_PERCDAMP = 0.01
+
+
+@dataclass
+class ObsResult:
+    weight: torch.Tensor  # pruned + compensated, fp32
+    saliency: torch.Tensor  # fp32, weight shape: w_cur^2 / U_jj^2 at the start of each block
+    mask: torch.Tensor  # bool, True = pruned
+    loss: float  # sum of OBS losses 1/2 (w - q)^2 / U_jj^2
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of the damped H^-1. Zeroes `weight` columns whose input never fires."""
+    H = hessian.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    weight[:, dead] = 0
+    damp = percdamp * torch.mean(torch.diag(H))
+    H.diagonal().add_(damp)
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.cholesky_inverse(L)
+    return torch.linalg.cholesky(Hinv, upper=True)
+
+
+def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, *,
+              blocksize: int = DEFAULT_BLOCKSIZE, percdamp: float = DEFAULT_PERCDAMP,
+              n_m: tuple[int, int] | None = None) -> ObsResult:
+    """Prune `sparsity` of every rows x block (or N of every M columns per row) with OBS updates."""
+    W = weight.detach().float().clone()
+    rows, cols = W.shape
+    U = inverse_hessian_factor(hessian, W, percdamp)
+    saliency = torch.empty_like(W)
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    total_loss = 0.0
+    if n_m is not None and blocksize % n_m[1]:
+        raise ValueError(f"blocksize {blocksize} must be a multiple of M={n_m[1]}")
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        U1 = U[i1:i2, i1:i2]
+        diag = torch.diag(U1)
+        block_saliency = W1 ** 2 / diag ** 2
+        saliency[:, i1:i2] = block_saliency
+        if n_m is None:
+            flat = block_saliency.reshape(1, -1)
+            block_mask = lowest_k(flat, int(flat.numel() * sparsity)).reshape(W1.shape)
+        else:
+            block_mask = torch.zeros_like(W1, dtype=torch.bool)
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            if n_m is not None and i % n_m[1] == 0:
+                group = W1[:, i:i + n_m[1]] ** 2 / diag[i:i + n_m[1]] ** 2
+                block_mask[:, i:i + n_m[1]] = lowest_k(group, n_m[0])
+            w = W1[:, i]
+            q = torch.where(block_mask[:, i], torch.zeros_like(w), w)
+            Q1[:, i] = q
+            total_loss += float(((w - q) ** 2).sum() / diag[i] ** 2) / 2
+            err = (w - q) / diag[i]
+            W1[:, i:] -= err.unsqueeze(1) @ U1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        mask[:, i1:i2] = block_mask
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return ObsResult(weight=W, saliency=saliency, mask=mask, loss=total_loss)

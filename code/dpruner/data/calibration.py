@@ -24,11 +24,13 @@ WINDOWING_MODES = ("document", "concat")
 C4_SOURCES = ("local", "hub")
 # The shard the original reads from the hub.
 C4_HUB_SHARD = "en/c4-train.00000-of-01024.json.gz"
-C4_LOCAL_FILES = ("c4_sample", "c4_olmo_01", "c4_olmo_02", "c4_olmo_03")
+# The 30 OLMo fixture documents are held out of calibration: they are the offline C4 perplexity text.
+C4_LOCAL_FILES = ("c4_sample",)
+C4_HELDOUT_FILES = ("c4_olmo_01", "c4_olmo_02", "c4_olmo_03")
 
 
 def c4_documents(source: str = "local", data_root: str | None = None) -> list[str]:
-    """C4 texts: the offline sample (230 documents) or the original's hub shard when online."""
+    """C4 texts: the offline sample (200 documents) or the original's hub shard when online."""
     if source == "local":
         docs: list[str] = []
         for name in C4_LOCAL_FILES:

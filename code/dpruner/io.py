@@ -42,6 +42,26 @@ UPSTREAM_DUAL_DIRS = {
 UPSTREAM_GENERAL_DIRS = {name.split(".")[1]: name for name in UPSTREAM_DUAL_DIRS.values()}
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_permissions(path: Path) -> None:
+    """mkstemp/mkdtemp create 0600/0700 entries; give the result the modes a plain write would."""
+    mask = _umask()
+    if path.is_dir():
+        os.chmod(path, 0o777 & ~mask)
+        for root, dirs, files in os.walk(path):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `target`; it replaces `target` only if the block succeeds."""
@@ -52,6 +72,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _publish_permissions(tmp_path)
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
@@ -66,6 +87,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        _publish_permissions(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -274,3 +296,22 @@ def export_upstream_dual(scores: ScoreSet, out: str | os.PathLike) -> None:
         for short, module in UPSTREAM_DUAL_DIRS.items():
             with atomic_path(out / short / f"{layer}.pt") as tmp:
                 torch.save(tensors[module].clone(), tmp)
+
+
+def save_score_folder(folder: str | os.PathLike, layers: list[Mapping[str, torch.Tensor]], *, kind: str,
+                      model: str, settings: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+    """Write a complete score folder in one go (temp folder, then rename)."""
+    folder = Path(folder)
+    manifest = {"format": SCORE_FORMAT, "kind": kind, "model": model, "num_layers": len(layers),
+                "modules": sorted({name for layer in layers for name in layer}), "settings": settings,
+                "code_version": __version__, "layers_done": len(layers), "complete": True, **(extra or {})}
+    with atomic_dir(folder) as tmp:
+        for index, tensors in enumerate(layers):
+            save_tensors(layer_file(tmp, index), {k: v.float() for k, v in tensors.items()})
+        write_json(tmp / MANIFEST, manifest)
+    return folder
+
+
+def load_score_layers(folder: str | os.PathLike) -> list[dict[str, torch.Tensor]]:
+    scores = ScoreSet.open(folder)
+    return [scores.layer(i) for i in range(scores.num_layers)]

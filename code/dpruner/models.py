@@ -110,11 +110,26 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(spec: str | torch.device | None) -> torch.device:
+    """`None` picks CUDA when present; an explicit device must exist on this machine."""
+    if spec is None:
+        return default_device()
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise DPrunerError(f"--device {spec!r} is not a device name (expected cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DPrunerError(f"--device {spec}: no CUDA device is available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise DPrunerError(f"--device {spec}: only cpu and cuda are supported")
+    return device
+
+
 def load_model(name: str, dtype: str = "auto", device: torch.device | str | None = None) -> nn.Module:
     """Load a causal LM and check that it has the LLaMA-style layout we prune."""
     from transformers import AutoModelForCausalLM
 
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     resolved = resolve_model(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved, dtype=resolve_dtype(dtype, device))

@@ -20,7 +20,7 @@ from dpruner.export import check_output_dir, save_pruned_model, versions
 from dpruner.io import ScoreWriter
 from dpruner.layerwise import prune_layerwise
 from dpruner.methods.base import PruningMethod
-from dpruner.models import PROJECTIONS, check_supported, load_model, load_tokenizer, resolve_model
+from dpruner.models import PROJECTIONS, check_supported, load_model, load_tokenizer, resolve_device, resolve_model
 
 CALIBRATION_DATASETS = ("c4",)
 
@@ -76,6 +76,7 @@ def prune_with_method(model_name: str, method: PruningMethod, calibration: Calib
     """Run `method` layer by layer over `model_name`; write scores and/or the pruned model."""
     if calibration is not None:
         calibration.validate()
+    resolve_device(device)
     num_layers = check_model_structure(model_name)
     settings: dict[str, Any] = dict(method.settings(), true_sequential=true_sequential, dtype=dtype)
     if calibration is not None:
@@ -89,7 +90,7 @@ def prune_with_method(model_name: str, method: PruningMethod, calibration: Calib
     windows = build_calibration(calibration, tokenizer) if calibration is not None else None
 
     began = time.time()
-    target = torch.device(device) if device else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    target = resolve_device(device)
     model = load_model(model_name, dtype=dtype, device="cpu" if target.type == "cuda" else target)
     summary = prune_layerwise(model, method, windows, batch_size=batch_size, device=target, writer=writer,
                               true_sequential=true_sequential)

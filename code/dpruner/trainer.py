@@ -1,0 +1,348 @@
+"""Stage 2: LOMO full-parameter fine-tuning on domain text that accumulates the dual importance.
+
+Per step (with clipping, the original's two passes): forward, norm-pass backward (global norm, no
+update), forward again, update-pass backward (fused SGD with the clip coefficient). The D-Pruner
+callback refines the projection gradients with the general-importance regularizer and adds to the
+importance scores. After each epoch the cumulative importance, the fine-tuned weights and the trainer
+state are saved atomically; a rerun of the same config resumes after the last saved epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+
+from dpruner.config import TrainConfig, dump_config
+from dpruner.data.domain import domain_texts
+from dpruner.distributed import Runtime, init_runtime, shutdown
+from dpruner.errors import DPrunerError
+from dpruner.export import versions
+from dpruner.importance import DualImportance, ImportanceSettings, load_general_importance, projection_target
+from dpruner.io import atomic_dir, load_score_layers, read_json, save_score_folder, write_json
+from dpruner.lomo import DynamicLossScaler, Lomo
+from dpruner.models import load_tokenizer, resolve_dtype, resolve_model
+
+STATE_FILE = "trainer_state.json"
+# Fault injection for the resume test: SIGKILL this process right after saving the given epoch.
+KILL_AFTER_EPOCH_ENV = "DPRUNER_DEBUG_KILL_AFTER_EPOCH"
+# Settings that do not change the result; a run may resume with different values.
+NON_IDENTITY_KEYS = ("output_dir", "overwrite_output_dir", "logging_steps", "deepspeed", "save_strategy")
+
+
+def lr_at(step: int, total_steps: int, peak: float, warmup: float, kind: str) -> float:
+    """The original's schedule: progress = step / total (step from 1); linear warmup over `warmup` of
+    the steps, then linear decay to 0 at the last step."""
+    if kind == "constant":
+        return peak
+    progress = step / total_steps
+    if progress < warmup:
+        return peak * progress / warmup
+    return peak * max((1.0 - progress) / (1.0 - warmup), 0.0)
+
+
+class TokenizedTexts(torch.utils.data.Dataset):
+    def __init__(self, tokenizer, texts: list[str], max_length: int | None) -> None:
+        self.ids = [tokenizer(text, truncation=max_length is not None, max_length=max_length).input_ids
+                    for text in texts]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> list[int]:
+        return self.ids[index]
+
+
+def collate(batch: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right padding; pads are masked in attention and labelled -100 (the loss is over real tokens)."""
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        attention[row, :len(ids)] = 1
+    labels = input_ids.masked_fill(attention == 0, -100)
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def identity(config: TrainConfig) -> dict[str, Any]:
+    return {k: v for k, v in config.to_dict().items() if k not in NON_IDENTITY_KEYS}
+
+
+class Stage2:
+    """One training run; `run()` returns a summary dict (rank 0 also writes it)."""
+
+    def __init__(self, config: TrainConfig, runtime: Runtime) -> None:
+        self.config = config
+        self.rt = runtime
+        self.out = Path(config.output_dir)
+        self.dtype = resolve_dtype(config.dtype, runtime.device)
+        if self.dtype == torch.float16 and runtime.device.type == "cpu":
+            raise DPrunerError("dtype float16 is not supported on CPU (DeepSpeed rejects it); use float32 or bfloat16")
+        if self.dtype == torch.float16 and not config.clip_grad_norm:
+            raise DPrunerError("fp16 training needs clip_grad_norm: overflow is detected in the norm pass (as LOMO)")
+        self.state = self._initial_state()
+
+    # ---------- output folder and resume ----------
+    def _initial_state(self) -> dict[str, Any]:
+        state_path = self.out / STATE_FILE
+        fresh = {"epochs_done": 0, "global_step": 0, "loss_scale": self.config.initial_loss_scale,
+                 "last_update_lr": self.config.learning_rate, "previous_step_updated": False,
+                 "complete": False, "identity": identity(self.config)}
+        if not state_path.exists():
+            if self.out.exists() and any(self.out.iterdir()):
+                raise DPrunerError(f"output_dir {self.out} exists and is not a stage-2 output (no {STATE_FILE}); "
+                                   "choose another folder (it is never deleted, even with overwrite_output_dir)")
+            return fresh
+        old = read_json(state_path)
+        if self.config.overwrite_output_dir:
+            return fresh
+        if old.get("complete"):
+            raise DPrunerError(f"output_dir {self.out} already holds a finished run; set overwrite_output_dir=true "
+                               "to replace it")
+        if old.get("identity") != identity(self.config):
+            changed = sorted(k for k in identity(self.config) if old.get("identity", {}).get(k) != identity(self.config)[k])
+            raise DPrunerError(f"output_dir {self.out} holds an unfinished run with other settings ({', '.join(changed)}); "
+                               "set overwrite_output_dir=true to start over")
+        return old
+
+    def _epoch_dir(self, epoch: int) -> Path:
+        return self.out / "epochs" / f"epoch_{epoch:03d}"
+
+    # ---------- model ----------
+    def _ds_config(self) -> dict[str, Any]:
+        ds = json.loads(Path(self.config.deepspeed).read_text())
+        ds.setdefault("fp16", {})["enabled"] = self.dtype == torch.float16
+        ds.setdefault("bf16", {})["enabled"] = self.dtype == torch.bfloat16
+        zero = ds.setdefault("zero_optimization", {})
+        if zero.get("stage", 0) == 3:
+            # Small parameters (norms) would otherwise stay gathered and go stale across ranks.
+            zero["stage3_param_persistence_threshold"] = 0
+        ds["train_micro_batch_size_per_gpu"] = self.config.per_device_train_batch_size
+        ds["gradient_accumulation_steps"] = 1
+        ds.pop("optimizer", None)
+        ds.pop("scheduler", None)
+        return ds
+
+    def _load_model(self, source: str):
+        from transformers import AutoModelForCausalLM
+
+        ds_config = self._ds_config() if self.config.deepspeed else None
+        keep_alive = None
+        if ds_config and ds_config["zero_optimization"].get("stage", 0) == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            keep_alive = HfDeepSpeedConfig(ds_config)  # makes from_pretrained build partitioned (zero.Init)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=self.dtype)
+        model.config.use_cache = False
+        if self.config.gradient_checkpointing:
+            model.activation_checkpointing_enable()
+        model.train()
+        self.engine = None
+        if ds_config:
+            import deepspeed
+
+            self.engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+            self.zero3 = ds_config["zero_optimization"].get("stage", 0) == 3
+        else:
+            model.to(self.rt.device)
+            self.zero3 = False
+        del keep_alive
+        return model
+
+    # ---------- saving ----------
+    def _gathered_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full weights on rank 0 (gathered one parameter at a time under ZeRO-3)."""
+        state = {}
+        for name, param in self.model.named_parameters():
+            if self.zero3:
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    if self.rt.is_main:
+                        state[name] = param.data.detach().cpu().clone()
+            elif self.rt.is_main:
+                state[name] = param.data.detach().cpu().clone()
+        return state
+
+    def _save_importance(self, folder: Path, epoch: int) -> None:
+        if not self.rt.is_main:
+            return
+        num_layers = self.model.config.num_hidden_layers
+        save_score_folder(folder, self.importance.layer_scores(num_layers), kind="dual_importance",
+                          model=self.config.model_name_or_path, settings=identity(self.config),
+                          extra={"epochs": epoch, "global_step": self.state["global_step"],
+                                 "steps_accumulated": len(self.importance.steps_accumulated)})
+
+    def _save_epoch(self, epoch: int) -> None:
+        folder = self._epoch_dir(epoch)
+        state_dict = self._gathered_state_dict()
+        if self.rt.is_main:
+            self._save_importance(folder / "importance", epoch)
+            with atomic_dir(folder / "checkpoint") as tmp:
+                self.model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+            self.state.update(epochs_done=epoch, loss_scale=self.lomo.loss_scale if self.scaler else None,
+                              last_update_lr=self.lomo.last_update_lr,
+                              previous_step_updated=self.lomo.previous_step_updated)
+            write_json(self.out / STATE_FILE, self.state)
+            for older in sorted((self.out / "epochs").glob("epoch_*")):
+                if older != folder:
+                    shutil.rmtree(older)
+        self.rt.barrier()
+
+    # ---------- training ----------
+    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = {k: v.to(self.rt.device) for k, v in batch.items()}
+        return self.model(**batch).loss
+
+    def _after_backward(self) -> None:
+        if self.engine is not None and self.zero3:
+            self.engine.empty_partition_cache()  # else the next gather of tied/persistent params fails
+
+    def run(self) -> dict[str, Any]:
+        config, rt = self.config, self.rt
+        began = time.time()
+        resumed_from = self.state["epochs_done"]
+        self.tokenizer = load_tokenizer(config.model_name_or_path)
+        dataset = TokenizedTexts(self.tokenizer, domain_texts(config), config.data_max_length)
+        source = (str(self._epoch_dir(resumed_from) / "checkpoint") if resumed_from
+                  else resolve_model(config.model_name_or_path))
+        self.model = self._load_model(source)
+        named = dict(self.model.named_parameters())
+        general = None
+        if config.regularizer != "none":
+            gdtype = torch.bfloat16 if config.general_importance_dtype == "bfloat16" else torch.float32
+            general = load_general_importance(config.general_importance_dir, named, gdtype, rt.device)
+        anchors = self._anchors(named) if config.regularizer == "anchor" else None
+        self.importance = DualImportance(ImportanceSettings.from_config(config), named, general, anchors, rt.device)
+        if resumed_from:
+            self._restore_importance(self._epoch_dir(resumed_from) / "importance")
+        # Everything is validated; only now is the output folder touched.
+        if rt.is_main:
+            if config.overwrite_output_dir and not resumed_from and self.out.exists():
+                shutil.rmtree(self.out)
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(dump_config(config))
+        rt.barrier()
+        self.scaler = DynamicLossScaler(self.state["loss_scale"] or config.initial_loss_scale) \
+            if self.dtype == torch.float16 else None
+        self.lomo = Lomo(named.items(), lr=self.state["last_update_lr"], clip_grad_norm=config.clip_grad_norm,
+                         clip_grad_value=config.clip_grad_value, weight_decay=config.weight_decay,
+                         loss_scaler=self.scaler, emulated_loss_scale=config.loss_scale,
+                         grad_callback=self.importance)
+        self.lomo.step = self.state["global_step"]
+        self.lomo.previous_step_updated = self.state["previous_step_updated"]
+
+        sampler = DistributedSampler(dataset, num_replicas=rt.world_size, rank=rt.rank, shuffle=True,
+                                     seed=config.seed, drop_last=False)
+        pad_id = self.tokenizer.pad_token_id
+        loader = DataLoader(dataset, batch_size=config.per_device_train_batch_size, sampler=sampler,
+                            collate_fn=lambda b: collate(b, pad_id))
+        total_steps = len(loader) * config.num_train_epochs
+        if config.max_steps:
+            total_steps = min(total_steps, config.max_steps)
+        log_path = self.out / "train_log.jsonl"
+        bar = tqdm(total=total_steps, initial=self.state["global_step"], desc="LOMO steps", disable=not rt.is_main)
+        last_epoch = resumed_from
+        for epoch in range(resumed_from, config.num_train_epochs):
+            if self.state["global_step"] >= total_steps:
+                break
+            sampler.set_epoch(epoch)
+            for batch in loader:
+                if self.state["global_step"] >= total_steps:
+                    break
+                step = self.state["global_step"] + 1
+                lr = lr_at(step, total_steps, config.learning_rate, config.warmup, config.lr_scheduler_type)
+                record = self._train_step(batch, lr)
+                self.state["global_step"] = step
+                bar.update(1)
+                if rt.is_main and step % config.logging_steps == 0:
+                    record.update(step=step, epoch=epoch, lr=lr)
+                    with open(log_path, "a") as handle:
+                        handle.write(json.dumps(record) + "\n")
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+            last_epoch = epoch + 1
+            if config.save_strategy == "epoch":
+                self._save_epoch(last_epoch)
+                if os.environ.get(KILL_AFTER_EPOCH_ENV) == str(last_epoch):
+                    os.kill(os.getpid(), signal.SIGKILL)
+        bar.close()
+        final = self.out / "importance"
+        self._save_importance(final, last_epoch)
+        summary = {"importance": str(final), "epochs": last_epoch, "global_step": self.state["global_step"],
+                   "examples": len(dataset), "world_size": rt.world_size, "deepspeed": bool(config.deepspeed),
+                   "zero3": self.zero3, "dtype": str(self.dtype).replace("torch.", ""),
+                   "device": str(rt.device), "seconds": round(time.time() - began, 2),
+                   "resumed_from_epoch": resumed_from, "versions": versions()}
+        if rt.is_main:
+            self.state["complete"] = True
+            write_json(self.out / STATE_FILE, self.state)
+            write_json(self.out / "summary.json", summary)
+        rt.barrier()
+        return summary
+
+    def _train_step(self, batch: dict[str, torch.Tensor], lr: float) -> dict[str, Any]:
+        record: dict[str, Any] = {}
+        if self.config.clip_grad_norm:
+            loss = self._forward(batch)
+            ok = self.lomo.norm_pass(loss, lr)
+            self._after_backward()
+            record["grad_norm"] = self.lomo.last_norm
+            if not ok:
+                record.update(loss=float(loss.detach()), skipped="fp16 overflow", loss_scale=self.lomo.loss_scale)
+                return record
+        loss = self._forward(batch)
+        self.lomo.update_pass(loss, lr)
+        self._after_backward()
+        record["loss"] = float(loss.detach())
+        return record
+
+    def _anchors(self, named: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+        """Pretrained projection weights W0 (from the original model, also when resuming)."""
+        from safetensors import safe_open
+
+        folder = Path(resolve_model(self.config.model_name_or_path))
+        anchors = {}
+        for file in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    if key in named and projection_target(key):
+                        anchors[key] = handle.get_tensor(key).to(torch.bfloat16 if self.config.general_importance_dtype
+                                                                 == "bfloat16" else torch.float32).to(self.rt.device)
+        missing = [n for n in named if projection_target(n) and n not in anchors]
+        if missing:
+            raise DPrunerError(f"regularizer anchor: pretrained weights for {missing[0]} not found in {folder}")
+        return anchors
+
+    def _restore_importance(self, folder: Path) -> None:
+        layers = load_score_layers(folder)
+        for name, (index, module) in self.importance.targets.items():
+            self.importance.scores[name].copy_(layers[index][module])
+
+
+def train(config: TrainConfig) -> dict[str, Any] | None:
+    """Run stage 2; the summary is returned on rank 0 only (None elsewhere)."""
+    runtime = init_runtime(bool(config.deepspeed))
+    try:
+        summary = Stage2(config, runtime).run()
+        return summary if runtime.is_main else None
+    finally:
+        shutdown()
+
+
+def main_summary(summary: dict[str, Any]) -> str:
+    return (f"dual importance: {summary['importance']} ({summary['global_step']} steps, {summary['epochs']} epoch(s), "
+            f"{summary['examples']} examples, world size {summary['world_size']}, "
+            f"{'DeepSpeed ZeRO-3' if summary['zero3'] else 'DeepSpeed' if summary['deepspeed'] else 'plain PyTorch'}, "
+            f"{summary['dtype']} on {summary['device']}, {summary['seconds']:.0f} s)")
+
+

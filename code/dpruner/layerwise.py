@@ -182,7 +182,7 @@ def prune_layerwise(model: nn.Module, method: PruningMethod, calibration: dict[s
                              for module in group}
                 for module in group:
                     linear = linears[module]
-                    outcome = method.prune(module, linear.weight.data, stats[module] if stats else None)
+                    outcome = method.prune(index, module, linear.weight.data, stats[module] if stats else None)
                     linear.weight.data.copy_(outcome.weight.to(linear.weight.dtype))
                     scores[module] = outcome.scores
                     summary.pruned += int(outcome.mask.sum())

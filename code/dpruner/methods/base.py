@@ -51,9 +51,10 @@ class PruningMethod(ABC):
     statistic: ClassVar[str | None]
 
     @abstractmethod
-    def prune(self, module_name: str, weight: torch.Tensor,
+    def prune(self, layer: int, module_name: str, weight: torch.Tensor,
               stats: dict[str, LayerStats] | None) -> LayerOutcome:
-        """Prune one linear. `stats` maps calibration-set name to statistics (None if data-free)."""
+        """Prune one linear (`module_name` of decoder layer `layer`). `stats` maps calibration-set
+        name to statistics (None for data-free methods)."""
 
     def settings(self) -> dict:
         """What identifies a run of this method (stored in score manifests)."""

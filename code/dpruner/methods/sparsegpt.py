@@ -31,7 +31,8 @@ class SparseGPT(PruningMethod):
         """The Hessian to prune with; MixCal overrides this to mix calibration sets."""
         return single_set(stats, self.name).hessian()
 
-    def prune(self, module_name: str, weight: torch.Tensor, stats: dict[str, LayerStats] | None) -> LayerOutcome:
+    def prune(self, layer: int, module_name: str, weight: torch.Tensor,
+              stats: dict[str, LayerStats] | None) -> LayerOutcome:
         result = obs_prune(weight, self.hessian(stats), self.sparsity, blocksize=self.blocksize,
                            percdamp=self.percdamp, n_m=self.n_m)
         return LayerOutcome(scores=result.saliency, weight=result.weight, mask=result.mask, loss=result.loss)

@@ -133,6 +133,57 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+class StreamingSafetensors:
+    """Write a safetensors file one tensor at a time, so a layer's scores never sit in memory together.
+
+    The header (names, shapes, offsets) is known up front from the weight shapes; each tensor's bytes go
+    to its offset as soon as it exists. The file appears at `target` only after `commit()`.
+    """
+
+    def __init__(self, target: Path, shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype = torch.float32):
+        self.target = Path(target)
+        self.dtype = dtype
+        item = torch.empty((), dtype=dtype).element_size()
+        header: dict[str, Any] = {}
+        offset = 0
+        for name, shape in shapes.items():
+            size = item * int(torch.Size(shape).numel())
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._start = 8 + len(raw)
+        self._pending = set(shapes)
+        self._header = header
+        self._context = atomic_path(self.target)
+        self._tmp = self._context.__enter__()
+        self._handle = open(self._tmp, "r+b")
+        self._handle.write(len(raw).to_bytes(8, "little") + raw)
+        self._handle.truncate(self._start + offset)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        entry = self._header[name]
+        if list(tensor.shape) != entry["shape"]:
+            raise ValueError(f"{name}: shape {list(tensor.shape)}, header says {entry['shape']}")
+        data = tensor.detach().to(device="cpu", dtype=self.dtype).contiguous()
+        self._handle.seek(self._start + entry["data_offsets"][0])
+        self._handle.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        self._pending.discard(name)
+
+    def commit(self) -> None:
+        if self._pending:
+            raise RuntimeError(f"tensors never written: {sorted(self._pending)}")
+        self._handle.close()
+        self._context.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        self._handle.close()
+        self._context.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+
 def layer_file(folder: Path, layer: int) -> Path:
     return folder / f"layer_{layer:03d}.safetensors"
 
@@ -206,16 +257,21 @@ class ScoreWriter:
         """Tensors saved with `save_layer(..., resume=...)` for a completed layer."""
         return load_tensors(self.folder / RESUME_DIR / f"layer_{layer:03d}.safetensors")
 
-    def save_layer(self, layer: int, scores: Mapping[str, torch.Tensor],
-                   resume: Mapping[str, torch.Tensor] | None = None) -> None:
+    def open_layer(self, layer: int, shapes: Mapping[str, tuple[int, ...]]) -> StreamingSafetensors:
+        """Start the score file of `layer`; write each module's scores as they come, then
+        `save_layer(layer, sink)` commits it."""
         if layer != self.layers_done:
             raise RuntimeError(f"layers must be saved in order: expected {self.layers_done}, got {layer}")
         if self._clear_first:
             self._clear()
             self._clear_first = False
+        return StreamingSafetensors(layer_file(self.folder, layer), shapes)
+
+    def save_layer(self, layer: int, sink: StreamingSafetensors,
+                   resume: Mapping[str, torch.Tensor] | None = None) -> None:
         if resume is not None:
             save_tensors(self.folder / RESUME_DIR / f"layer_{layer:03d}.safetensors", resume)
-        save_tensors(layer_file(self.folder, layer), {k: v.float() for k, v in scores.items()})
+        sink.commit()
         self.layers_done = layer + 1
         self._write_manifest(complete=False)
 

@@ -141,6 +141,29 @@ def collect_stats(layer: nn.Module, names: Iterable[str], inputs: LayerInputs,
     return stats
 
 
+def _prune_layer(method: PruningMethod, index: int, layer: nn.Module, linears: dict[str, nn.Linear],
+                 groups: tuple[tuple[str, ...], ...], inputs: dict[str, LayerInputs], sink, summary: PruneSummary) -> None:
+    """Collect statistics group by group and let the method prune each linear of one layer."""
+    for group in groups:
+        stats = None
+        if inputs:
+            per_set = {name: collect_stats(layer, group, layer_inputs, method.statistic == "hessian")
+                       for name, layer_inputs in inputs.items()}
+            stats = {module: {set_name: per_set[set_name][module] for set_name in per_set} for module in group}
+            del per_set
+        for module in group:
+            linear = linears[module]
+            outcome = method.prune(index, module, linear.weight.data, stats.pop(module) if stats else None)
+            linear.weight.data.copy_(outcome.weight.to(linear.weight.dtype))
+            if sink is not None:
+                sink.write(module, outcome.scores)
+            summary.pruned += int(outcome.mask.sum())
+            summary.total += outcome.mask.numel()
+            if outcome.loss is not None:
+                summary.losses[f"{index}.{module}"] = outcome.loss
+            del outcome  # free the scores and the new weight before the next linear
+
+
 def prune_layerwise(model: nn.Module, method: PruningMethod, calibration: dict[str, torch.Tensor] | None, *,
                     batch_size: int = 8, device: torch.device | None = None, writer: ScoreWriter | None = None,
                     true_sequential: bool = False, progress: bool = True,
@@ -172,30 +195,17 @@ def prune_layerwise(model: nn.Module, method: PruningMethod, calibration: dict[s
                 linears[name].weight.data.copy_(weight.to(linears[name].weight.dtype))
             bar.set_postfix_str("resumed")
         else:
-            scores: dict[str, torch.Tensor] = {}
-            for group in groups:
-                stats = None
-                if needs_data:
-                    per_set = {name: collect_stats(layer, group, layer_inputs, method.statistic == "hessian")
-                               for name, layer_inputs in inputs.items()}
-                    stats = {module: {set_name: per_set[set_name][module] for set_name in per_set}
-                             for module in group}
-                for module in group:
-                    linear = linears[module]
-                    outcome = method.prune(index, module, linear.weight.data, stats[module] if stats else None)
-                    linear.weight.data.copy_(outcome.weight.to(linear.weight.dtype))
-                    scores[module] = outcome.scores
-                    summary.pruned += int(outcome.mask.sum())
-                    summary.total += outcome.mask.numel()
-                    if outcome.loss is not None:
-                        summary.losses[f"{index}.{module}"] = outcome.loss
-                del stats
-            if writer is not None:
-                writer.save_layer(index, scores,
-                                  resume={name: linears[name].weight.data for name in modules})
+            sink = writer.open_layer(index, {m: tuple(linears[m].weight.shape) for m in modules}) if writer else None
+            try:
+                _prune_layer(method, index, layer, linears, groups, inputs, sink, summary)
+            except BaseException:
+                if sink is not None:
+                    sink.abort()
+                raise
+            if sink is not None:
+                writer.save_layer(index, sink, resume={name: linears[name].weight.data for name in modules})
                 if kill_after is not None and int(kill_after) == index:
                     os.kill(os.getpid(), signal.SIGKILL)
-            del scores
         if needs_data:
             inputs = {name: run_layer(layer, layer_inputs) for name, layer_inputs in inputs.items()}
         if device.type != "cpu":

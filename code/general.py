@@ -18,16 +18,19 @@ from dpruner.data.calibration import C4_SOURCES, WINDOWING_MODES
 from dpruner.methods import get_method
 from dpruner.models import EMBEDDED_MODEL
 from dpruner.obs import DEFAULT_BLOCKSIZE, DEFAULT_PERCDAMP
-from dpruner.pipeline import CALIBRATION_DATASETS, CalibrationSpec, prune_with_method
+from dpruner.errors import DPrunerError
+from dpruner.pipeline import CalibrationSpec, prune_with_method
 
 # The original general.py's default (0.52 of the 7 projections ~ 50% of all LLaMA-2-7B weights).
 DEFAULT_SPARSITY = 0.52
+# c4 is the original's only choice; the domain sets give "general" importance from domain text (ablation).
+GENERAL_DATASETS = ("c4", "legal", "medical")
 
 
 def build_parser():
     parser = cli.make_parser(__doc__, prog="general.py")
     parser.add_argument("model", help=f"local Hugging Face folder, hub id, or '{EMBEDDED_MODEL}' (the embedded model)")
-    parser.add_argument("dataset", help=f"calibration data: {', '.join(CALIBRATION_DATASETS)} (the original's only choice)")
+    parser.add_argument("dataset", help=f"calibration data: {', '.join(GENERAL_DATASETS)} (c4 is the original's only choice)")
     parser.add_argument("--sparsity", type=float, default=DEFAULT_SPARSITY,
                         help="fraction pruned inside each column block during the sweep (original general.py default)")
     parser.add_argument("--nsamples", type=int, default=128, help="calibration windows (SparseGPT / original)")
@@ -57,6 +60,8 @@ def build_parser():
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cli.check_sparsity(args.sparsity)
+    if args.dataset not in GENERAL_DATASETS:
+        raise DPrunerError(f"unknown calibration dataset {args.dataset!r}; expected one of {', '.join(GENERAL_DATASETS)}")
     cli.quiet_libraries()
     method = get_method("sparsegpt", sparsity=args.sparsity, blocksize=args.blocksize, percdamp=args.percdamp)
     calibration = CalibrationSpec(dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,

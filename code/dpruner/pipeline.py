@@ -3,6 +3,13 @@
 Order matters for "nothing half-written": every check that can fail cheaply (arguments, model
 structure, output conflicts, data files) runs before the model weights are loaded or anything is
 written.
+
+Calibration budget: `--nsamples` windows in total whatever the source, so every method sees the same
+number of calibration tokens. `c4` draws them from C4; `legal` / `medical` from the stage-2 training
+strings of that domain (never test data); `mix` draws nsamples//2 windows from C4 and the rest from the
+domain text. Single-set methods get the mix as one pooled set; a method that blends named sets (MixCal,
+`calibration_sets`) gets the two halves under its own names. The domain text is always windowed from
+the concatenated stream (its examples are much shorter than a window).
 """
 
 from __future__ import annotations
@@ -13,16 +20,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from dpruner.config import DOMAINS, TrainConfig
 from dpruner.data.calibration import DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN, c4_documents, sample_windows
+from dpruner.data.domain import domain_texts
 from dpruner.errors import DPrunerError
 from dpruner.export import check_output_dir, save_pruned_model, versions
 from dpruner.io import ScoreWriter
 from dpruner.layerwise import prune_layerwise
 from dpruner.methods.base import PruningMethod
-from dpruner.models import PROJECTIONS, check_supported, load_model, load_tokenizer, resolve_device, resolve_model
+from dpruner.masks import parse_pattern
+from dpruner.models import (PROJECTIONS, check_supported, decoder_layers, load_model, load_tokenizer,
+                            projection_modules, resolve_device, resolve_model)
 
-CALIBRATION_DATASETS = ("c4",)
+MIX = "mix"
+CALIBRATION_DATASETS = ("c4", *DOMAINS, MIX)
+# Domain examples (a CaseHOLD prompt, a PubMedQA abstract) are shorter than a calibration window, so
+# windows come from the concatenated stream of all of them.
+DOMAIN_WINDOWING = "concat"
 
 
 @dataclass
@@ -32,8 +48,9 @@ class CalibrationSpec:
     seqlen: int = DEFAULT_SEQLEN
     seed: int = DEFAULT_SEED
     windowing: str = "document"
-    source: str = "local"
+    source: str = "local"  # where C4 comes from (local sample or the hub shard)
     data_dir: str | None = None
+    domain: str | None = None  # the domain half of `mix`; `legal` / `medical` imply it
 
     def validate(self) -> None:
         if self.dataset not in CALIBRATION_DATASETS:
@@ -42,17 +59,57 @@ class CalibrationSpec:
             raise DPrunerError(f"--nsamples must be >= 1, got {self.nsamples}")
         if self.seqlen < 2:
             raise DPrunerError(f"--seqlen must be >= 2, got {self.seqlen}")
+        if self.domain is not None and self.domain not in DOMAINS:
+            raise DPrunerError(f"unknown domain {self.domain!r}; expected one of {', '.join(DOMAINS)}")
+        if self.dataset == MIX:
+            if self.domain is None:
+                raise DPrunerError(f"--calibration {MIX} needs --domain ({' or '.join(DOMAINS)}) for its domain half")
+            if self.nsamples < 2:
+                raise DPrunerError(f"--calibration {MIX} needs --nsamples >= 2 (half C4, half domain), got {self.nsamples}")
+        elif self.domain is not None and self.domain != self.dataset:
+            raise DPrunerError(f"--domain {self.domain} conflicts with --calibration {self.dataset} "
+                               f"(--domain picks the domain half of --calibration {MIX})")
+
+    def domain_name(self) -> str | None:
+        return self.dataset if self.dataset in DOMAINS else self.domain
 
 
-def build_calibration(spec: CalibrationSpec, tokenizer) -> dict[str, torch.Tensor]:
-    """Named calibration sets of token windows (one set, `c4`, for stage 1)."""
+def domain_calibration_texts(domain: str, data_dir: str | None) -> list[str]:
+    """The stage-2 training strings of `domain` (stage 2's default sources and order). PubMedQA PQA-A
+    and MedNLI need user-supplied files that are stage-2 config options, so calibration leaves them out."""
+    return domain_texts(TrainConfig(domain=domain, data_dir=data_dir, pubmedqa_artificial_examples=0,
+                                    mednli_examples=0))
+
+
+def build_calibration(spec: CalibrationSpec, tokenizer,
+                      split_names: tuple[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Named calibration sets of token windows [n, seqlen], `spec.nsamples` windows in all.
+
+    One set named after the dataset, except `mix` with `split_names`: then its C4 half and domain
+    half are two sets with those names (for methods that weigh the sources separately).
+    """
     spec.validate()
-    texts = c4_documents(spec.source, spec.data_dir)
-    return {spec.dataset: sample_windows(tokenizer, texts, spec.nsamples, spec.seqlen, spec.seed, spec.windowing)}
+
+    def c4(count: int) -> torch.Tensor:
+        texts = c4_documents(spec.source, spec.data_dir)
+        return sample_windows(tokenizer, texts, count, spec.seqlen, spec.seed, spec.windowing)
+
+    def domain(count: int) -> torch.Tensor:
+        texts = domain_calibration_texts(spec.domain_name(), spec.data_dir)
+        return sample_windows(tokenizer, texts, count, spec.seqlen, spec.seed, DOMAIN_WINDOWING)
+
+    if spec.dataset != MIX:
+        return {spec.dataset: c4(spec.nsamples) if spec.dataset == "c4" else domain(spec.nsamples)}
+    general_count = spec.nsamples // 2
+    halves = (c4(general_count), domain(spec.nsamples - general_count))
+    if split_names is None:
+        return {MIX: torch.cat(halves)}
+    return dict(zip(split_names, halves))
 
 
-def check_model_structure(model_name: str) -> int:
-    """Build the model on the meta device (no weights) to check its layout; return its layer count."""
+def check_model_structure(model_name: str, pattern: str = "unstructured") -> int:
+    """Build the model on the meta device (no weights) to check its layout, and that an N:M `pattern`
+    divides every projection's input size; return its layer count."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     resolved = resolve_model(model_name)
@@ -66,19 +123,42 @@ def check_model_structure(model_name: str) -> int:
     except ValueError as err:
         raise DPrunerError(f"model {model_name!r} is not a causal LM ({str(err).splitlines()[0]})") from None
     check_supported(skeleton, model_name)
+    check_pattern_fits(skeleton, pattern, model_name)
     return len(skeleton.model.layers)
+
+
+def check_pattern_fits(model: nn.Module, pattern: str, model_name: str) -> None:
+    """N:M groups must tile each projection's inputs (decoder layers share their shapes)."""
+    n_m = parse_pattern(pattern)
+    if n_m is None:
+        return
+    for name, linear in projection_modules(decoder_layers(model)[0]).items():
+        if linear.in_features % n_m[1]:
+            raise DPrunerError(f"--pattern {pattern}: {name} of {model_name} has {linear.in_features} inputs, "
+                               f"not a multiple of M={n_m[1]}")
 
 
 def prune_with_method(model_name: str, method: PruningMethod, calibration: CalibrationSpec | None, *,
                       scores_out: str | Path | None, save_pruned: str | Path | None, overwrite: bool = False,
                       dtype: str = "auto", device: str | None = None, batch_size: int = 8,
                       true_sequential: bool = False, kind: str = "scores") -> dict[str, Any]:
-    """Run `method` layer by layer over `model_name`; write scores and/or the pruned model."""
-    if calibration is not None:
+    """Run `method` layer by layer over `model_name`; write scores and/or the pruned model.
+
+    Data-free methods (`statistic` None) read no calibration, whatever is passed.
+    """
+    split_names = method.calibration_sets
+    if method.statistic is None:
+        calibration = None
+    else:
+        if calibration is None:
+            raise DPrunerError(f"method {method.name} needs calibration data")
         calibration.validate()
+        if split_names and calibration.dataset != MIX:
+            raise DPrunerError(f"method {method.name} blends C4 with domain text: it needs --calibration {MIX} "
+                               f"--domain {'|'.join(DOMAINS)}, got --calibration {calibration.dataset}")
     resolve_device(device)
-    num_layers = check_model_structure(model_name)
     settings: dict[str, Any] = dict(method.settings(), true_sequential=true_sequential, dtype=dtype)
+    num_layers = check_model_structure(model_name, settings.get("pattern", "unstructured"))
     if calibration is not None:
         settings["calibration"] = asdict(calibration) | {"data_dir": None}
     writer = (ScoreWriter(scores_out, kind=kind, model=model_name, num_layers=num_layers,
@@ -87,7 +167,7 @@ def prune_with_method(model_name: str, method: PruningMethod, calibration: Calib
     if save_pruned:
         check_output_dir(save_pruned, overwrite)
     tokenizer = load_tokenizer(model_name)
-    windows = build_calibration(calibration, tokenizer) if calibration is not None else None
+    windows = build_calibration(calibration, tokenizer, split_names) if calibration is not None else None
 
     began = time.time()
     target = resolve_device(device)

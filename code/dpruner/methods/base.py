@@ -49,6 +49,8 @@ class PruningMethod(ABC):
 
     name: ClassVar[str]
     statistic: ClassVar[str | None]
+    # Names of the calibration sets a method weighs separately (MixCal); None = one pooled set.
+    calibration_sets: ClassVar[tuple[str, str] | None] = None
 
     @abstractmethod
     def prune(self, layer: int, module_name: str, weight: torch.Tensor,
@@ -63,7 +65,7 @@ class PruningMethod(ABC):
 
 _REGISTRY: dict[str, type[PruningMethod]] = {}
 # Modules that register a method when imported; one line per method module.
-_METHOD_MODULES = ("sparsegpt",)
+_METHOD_MODULES = ("sparsegpt", "magnitude", "wanda", "mixcal", "dpruner")
 
 
 def register(cls: type[PruningMethod]) -> type[PruningMethod]:

@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""Post-training pruning baselines behind one interface, written as a plain Hugging Face model folder
+with pruning_report.json.
+
+Methods (all layer by layer with sequential propagation, the 7 projections of every decoder layer):
+  magnitude   smallest |W| per matrix (SparseGPT --gmp, Wanda's magnitude); data-free
+  wanda       |W_ij| * ||X_j||_2, lowest of each output row (Sun et al., 2024); no weight update
+  sparsegpt   OBS pruning with error compensation (Frantar & Alistarh, 2023)
+  mixcal      SparseGPT with H = alpha*H_general + (1-alpha)*H_domain (cross-calibration, arXiv 2502.18424)
+  dpruner     D-Pruner's precomputed scores (--scores: stage-2 output or any score folder); data-free
+  llm-pruner  structured: whole attention heads / MLP channels by first-order Taylor group importance
+              (--sparsity = fraction of parameters removed)
+
+Calibration budget: --nsamples windows in total for every method. c4 draws them from C4, legal / medical
+from the stage-2 training text of that domain (never test data), mix half from C4 and half from --domain
+text (one pooled set; mixcal weighs the two halves with --alpha and needs mix).
+
+Example: python code/prune_baseline.py wanda smollm2-135m outputs/wanda_2-4 --pattern 2:4 --nsamples 16 --seqlen 256
+"""
+
+from __future__ import annotations
+
+import json
+from argparse import Namespace
+from pathlib import Path
+
+from dpruner import cli
+from dpruner.config import DOMAINS
+from dpruner.data.calibration import C4_SOURCES, DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN, WINDOWING_MODES
+from dpruner.errors import DPrunerError
+from dpruner.export import REPORT_NAME, check_output_dir
+from dpruner.masks import parse_pattern
+from dpruner.methods import get_method, method_names
+from dpruner.methods.magnitude import SCOPES
+from dpruner.methods.mixcal import DEFAULT_ALPHA
+from dpruner.models import EMBEDDED_MODEL, load_tokenizer
+from dpruner.obs import DEFAULT_BLOCKSIZE, DEFAULT_PERCDAMP
+from dpruner.pipeline import (CALIBRATION_DATASETS, CalibrationSpec, build_calibration, check_model_structure,
+                              prune_with_method)
+from dpruner.stage3 import DEFAULT_BLOCKS, check_layer_count
+
+STRUCTURED = "llm-pruner"
+# The 50% unstructured setting of the SparseGPT and Wanda papers (and the ratio N:M patterns require there).
+DEFAULT_SPARSITY = 0.5
+# Options that only some methods read; giving them to another method is a mistake, not a no-op.
+METHOD_OPTIONS = {"alpha": ("mixcal",), "scores": ("dpruner",), "scope": ("magnitude", "wanda", "dpruner")}
+SPARSITY_TOLERANCE = 1e-9
+
+
+def build_parser():
+    parser = cli.make_parser(__doc__, prog="prune_baseline.py")
+    parser.add_argument("method", choices=[*method_names(), STRUCTURED], help="pruning method")
+    parser.add_argument("model", help=f"local Hugging Face folder, hub id, or '{EMBEDDED_MODEL}' (the embedded model)")
+    parser.add_argument("out", help="output Hugging Face model folder (written atomically)")
+    parser.add_argument("--sparsity", type=float, default=DEFAULT_SPARSITY,
+                        help="fraction of the projection weights pruned (SparseGPT/Wanda papers' 50%%); with an N:M "
+                             f"--pattern it must equal N/M; for {STRUCTURED} the fraction of parameters removed")
+    parser.add_argument("--pattern", default="unstructured",
+                        help="unstructured, or N:M such as 2:4 / 4:8: N lowest of every M consecutive inputs in "
+                             "each row (SparseGPT --prunen/--prunem, Wanda --sparsity_type)")
+    parser.add_argument("--scope", choices=SCOPES, default=None,
+                        help="comparison group of magnitude/wanda/dpruner; unset: the method's own (magnitude: "
+                             "matrix as SparseGPT --gmp; wanda: row as the original; dpruner: matrix as save_model.py)")
+    parser.add_argument("--blocks", type=int, default=DEFAULT_BLOCKS,
+                        help="equal column blocks of --scope block (original save_model_iterative.py: 32)")
+    parser.add_argument("--calibration", choices=CALIBRATION_DATASETS, default="c4",
+                        help="calibration text (SparseGPT/Wanda: c4); ignored by the data-free magnitude and dpruner")
+    parser.add_argument("--domain", choices=DOMAINS, default=None,
+                        help="domain half of --calibration mix (legal: CaseHOLD + BillSum, medical: PubMedQA + HQS "
+                             "training strings of stage 2)")
+    parser.add_argument("--nsamples", type=int, default=DEFAULT_NSAMPLES,
+                        help="calibration windows in total, for every method (SparseGPT / Wanda)")
+    parser.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN,
+                        help="tokens per window (SparseGPT's LLaMA value; Wanda uses the model's context, "
+                             "4096 for LLaMA-2)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="calibration sampling seed (SparseGPT / Wanda)")
+    parser.add_argument("--windowing", choices=WINDOWING_MODES, default="document",
+                        help="C4 windows: document = random window of a long-enough document (original); concat = "
+                             "windows of all documents joined (ours); domain text is always concat")
+    parser.add_argument("--c4-source", choices=C4_SOURCES, default="local",
+                        help="local: the prepared offline C4 sample; hub: allenai/c4 shard 0 (original, online)")
+    parser.add_argument("--data-dir", default=None, help="prepared data root (default: legal_pruning_data/data)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help=f"mixcal: weight of the C4 Hessian, in [0, 1]; unset: {DEFAULT_ALPHA} "
+                             "(ours: an even blend)")
+    parser.add_argument("--scores", default=None, metavar="DIR",
+                        help="dpruner: score folder (stage-2 dual importance, or any --save-scores folder)")
+    parser.add_argument("--blocksize", type=int, default=DEFAULT_BLOCKSIZE,
+                        help="sparsegpt/mixcal: OBS column block (SparseGPT)")
+    parser.add_argument("--percdamp", type=float, default=DEFAULT_PERCDAMP,
+                        help="sparsegpt/mixcal: Hessian dampening, fraction of mean(diag H) (SparseGPT)")
+    parser.add_argument("--save-scores", default=None, metavar="DIR",
+                        help="also save what the method ranked by, per layer (usable as --scores or by save_model.py)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing OUT / --save-scores")
+    parser.add_argument("--true-sequential", action="store_true",
+                        help="prune k,v,q / o / up,gate / down in turn, re-collecting inputs (SparseGPT option)")
+    parser.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass (ours)")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (fp32 on CPU, fp16 on CUDA as the originals), float32, bfloat16, float16")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    return parser
+
+
+def check_arguments(args: Namespace) -> None:
+    """Every check that needs neither the model weights nor the data."""
+    cli.check_sparsity(args.sparsity)
+    n_m = parse_pattern(args.pattern)
+    if n_m and abs(args.sparsity - n_m[0] / n_m[1]) > SPARSITY_TOLERANCE:
+        raise DPrunerError(f"--sparsity {args.sparsity} conflicts with --pattern {args.pattern}, which prunes exactly "
+                           f"{n_m[0] / n_m[1]:g}; pass --sparsity {n_m[0] / n_m[1]:g}")
+    if n_m and args.method in ("sparsegpt", "mixcal") and args.blocksize % n_m[1]:
+        raise DPrunerError(f"--blocksize {args.blocksize} must be a multiple of M={n_m[1]} "
+                           f"for --pattern {args.pattern}")
+    for option, methods in METHOD_OPTIONS.items():
+        if getattr(args, option) is not None and args.method not in methods:
+            raise DPrunerError(f"--{option} applies to {', '.join(methods)}, not {args.method}")
+    if args.method == "dpruner" and args.scores is None:
+        raise DPrunerError("method dpruner needs --scores DIR (stage-2 output or another score folder)")
+    if args.method == STRUCTURED:
+        if n_m:
+            raise DPrunerError(f"{STRUCTURED} removes whole heads and channels; --pattern must be unstructured")
+        if args.save_scores:
+            raise DPrunerError(f"--save-scores does not apply to {STRUCTURED}")
+    outputs = {"OUT": args.out, "--save-scores": args.save_scores, "--scores": args.scores}
+    named = [(label, cli.resolve_out(path)) for label, path in outputs.items() if path]
+    for i, (label, path) in enumerate(named):
+        for other, other_path in named[i + 1:]:
+            if path == other_path or path in other_path.parents or other_path in path.parents:
+                raise DPrunerError(f"{label} {path} and {other} {other_path} overlap; use separate folders")
+
+
+def calibration_spec(args: Namespace) -> CalibrationSpec:
+    spec = CalibrationSpec(dataset=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                           windowing=args.windowing, source=args.c4_source, data_dir=args.data_dir, domain=args.domain)
+    spec.validate()
+    return spec
+
+
+def run_structured(args: Namespace, out: Path) -> dict:
+    """LLM-Pruner-style structured pruning (dpruner.structured), on the same calibration windows."""
+    from dpruner.structured import prune_structured
+
+    spec = calibration_spec(args)
+    check_output_dir(out, args.overwrite)
+    check_model_structure(args.model)
+    windows = build_calibration(spec, load_tokenizer(args.model))
+    return prune_structured(args.model, out, target_ratio=args.sparsity, calibration=windows,
+                            overwrite=args.overwrite, dtype=args.dtype, device=args.device)
+
+
+def method_options(args: Namespace) -> dict:
+    """Constructor options of the chosen layer method, from the command line."""
+    if args.method in ("sparsegpt", "mixcal"):
+        options = {"pattern": args.pattern, "blocksize": args.blocksize, "percdamp": args.percdamp}
+        if args.method == "mixcal" and args.alpha is not None:
+            options["alpha"] = args.alpha
+        return options
+    options = {"pattern": args.pattern, "scope": args.scope, "blocks": args.blocks}
+    if args.method == "dpruner":
+        options["scores"] = cli.resolve_out(args.scores)
+    return options
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    check_arguments(args)
+    cli.quiet_libraries()
+    out = cli.resolve_out(args.out)
+    if args.method == STRUCTURED:
+        print(json.dumps(run_structured(args, out)))
+        print(f"pruned model: {out}")
+        return 0
+
+    method = get_method(args.method, sparsity=args.sparsity, **method_options(args))
+    if args.method == "dpruner":
+        check_layer_count(method.score_set, check_model_structure(args.model))
+    calibration = calibration_spec(args) if method.statistic is not None else None
+    result = prune_with_method(args.model, method, calibration, scores_out=cli.resolve_out(args.save_scores),
+                               save_pruned=out, overwrite=args.overwrite, dtype=args.dtype, device=args.device,
+                               batch_size=args.batch_size, true_sequential=args.true_sequential,
+                               kind=f"{args.method}_scores")
+    sparsity = json.loads((out / REPORT_NAME).read_text())["sparsity"]
+    print(json.dumps({k: result[k] for k in ("pruned_model", "scores", "seconds") if k in result}))
+    print(f"pruned model: {out}")
+    if "scores" in result:
+        print(f"scores: {result['scores']}")
+    print(f"sparsity: {sparsity['projection_sparsity']:.2%} of the projections, "
+          f"{sparsity['overall_sparsity']:.2%} of all parameters")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

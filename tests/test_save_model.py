@@ -17,7 +17,7 @@ import torch
 
 from conftest import error_line, make_tiny_llama, run_cli
 from dpruner.errors import DPrunerError
-from dpruner.io import UPSTREAM_GENERAL_DIRS, ScoreSet, ScoreWriter, export_upstream_dual
+from dpruner.io import UPSTREAM_GENERAL_DIRS, ScoreSet, export_upstream_dual, save_score_folder
 from dpruner.models import PROJECTIONS, decoder_layers, projection_modules
 from dpruner.stage3 import apply_scores
 
@@ -39,12 +39,7 @@ def integer_scores(seed: int = 0) -> list[dict[str, torch.Tensor]]:
 
 
 def write_scores(folder: Path, layers: list[dict[str, torch.Tensor]], model: str = "tiny") -> Path:
-    writer = ScoreWriter(folder, kind="dual_importance", model=model, num_layers=len(layers),
-                         modules=list(PROJECTIONS), settings={"test": True})
-    for index, tensors in enumerate(layers):
-        writer.save_layer(index, tensors)
-    writer.finish()
-    return folder
+    return save_score_folder(folder, layers, kind="dual_importance", model=model, settings={"test": True})
 
 
 def lowest_keys(keys: torch.Tensor, sparsity: float) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Stage 4: perplexity, multiple choice by log-likelihood, generation + ROUGE, and the CLI runner."""

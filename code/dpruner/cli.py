@@ -55,7 +55,7 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
-        print("interrupted: completed parts are kept; rerun the same command to resume", file=sys.stderr)
+        print("interrupted (stage 1 and stage 2 resume from their last saved layer/epoch when rerun)", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
 

@@ -32,13 +32,13 @@ def sparsity_report(model: nn.Module) -> dict[str, Any]:
     for index, layer in enumerate(decoder_layers(model)):
         entry: dict[str, Any] = {"layer": index}
         for name, linear in projection_modules(layer).items():
-            zeros = int((linear.weight == 0).sum())
+            zeros = linear.weight.numel() - int(torch.count_nonzero(linear.weight))
             entry[name] = round(zeros / linear.weight.numel(), 6)
             zeros_proj += zeros
             total_proj += linear.weight.numel()
         per_layer.append(entry)
     unique = {id(p): p for p in model.parameters()}.values()
-    zeros_all = sum(int((p == 0).sum()) for p in unique)
+    zeros_all = sum(p.numel() - int(torch.count_nonzero(p)) for p in unique)
     total_all = count_parameters(model)
     return {
         "projections": list(PROJECTIONS),

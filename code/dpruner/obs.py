@@ -67,6 +67,7 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, *,
             block_mask = torch.zeros_like(W1, dtype=torch.bool)
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
+        losses = torch.zeros(i2 - i1, device=W.device)
         for i in range(i2 - i1):
             if n_m is not None and i % n_m[1] == 0:
                 group = W1[:, i:i + n_m[1]] ** 2 / diag[i:i + n_m[1]] ** 2
@@ -74,11 +75,12 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, *,
             w = W1[:, i]
             q = torch.where(block_mask[:, i], torch.zeros_like(w), w)
             Q1[:, i] = q
-            total_loss += float(((w - q) ** 2).sum() / diag[i] ** 2) / 2
             err = (w - q) / diag[i]
+            losses[i] = (err * err).sum() / 2
             W1[:, i:] -= err.unsqueeze(1) @ U1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i1:i2] = Q1
+        total_loss += float(losses.sum())
         mask[:, i1:i2] = block_mask
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     return ObsResult(weight=W, saliency=saliency, mask=mask, loss=total_loss)

@@ -11,7 +11,7 @@ import random
 import sys
 from pathlib import Path
 
-from dpruner.data.files import as_list, data_file, read_json, read_jsonl
+from dpruner.data.files import as_list, data_file, read_json, read_jsonl, read_jsonl_numbered
 from dpruner.errors import DPrunerError
 
 ORDINALS = ("first", "second", "third", "fourth", "fifth")
@@ -55,12 +55,11 @@ def _take(rows: list, count: int | None, what: str) -> list:
 
 def casehold_texts(path: Path, count: int | None) -> list[str]:
     keys = ("citing_prompt", "label", *(f"holding_{i}" for i in range(5)))
-    rows = read_jsonl(path, required=keys, limit=count)
     texts = []
-    for lineno, row in enumerate(rows, start=1):
+    for where, row in read_jsonl_numbered(path, required=keys, limit=count):
         label = str(row["label"])
         if label not in {"0", "1", "2", "3", "4"}:
-            raise DPrunerError(f"{path}:{lineno}: label {row['label']!r} is not one of 0..4")
+            raise DPrunerError(f"{where}: label {row['label']!r} is not one of 0..4")
         texts.append(CASEHOLD_TEMPLATE.format(**{k: row[k] for k in keys if k != "label"}, label=label,
                                               ordinal=ORDINALS[int(label)]))
     return texts
@@ -81,8 +80,8 @@ def _pubmedqa_text(entry: dict, where: str, artificial: bool) -> str:
 
 
 def pubmedqa_texts(path: Path, count: int | None) -> list[str]:
-    rows = _take(read_jsonl(path, required=("QUESTION", "CONTEXTS", "final_decision")), count, "PubMedQA PQA-L")
-    return [_pubmedqa_text(row, f"{path}:{i}", artificial=False) for i, row in enumerate(rows, start=1)]
+    rows = _take(read_jsonl_numbered(path, required=("QUESTION", "CONTEXTS", "final_decision")), count, "PubMedQA PQA-L")
+    return [_pubmedqa_text(row, where, artificial=False) for where, row in rows]
 
 
 def pubmedqa_artificial_texts(path: Path, count: int | None) -> list[str]:
@@ -95,11 +94,10 @@ def pubmedqa_artificial_texts(path: Path, count: int | None) -> list[str]:
 
 
 def mednli_texts(path: Path, count: int | None) -> list[str]:
-    rows = read_jsonl(path, required=("sentence1", "sentence2", "gold_label"), limit=count)
     texts = []
-    for lineno, row in enumerate(rows, start=1):
+    for where, row in read_jsonl_numbered(path, required=("sentence1", "sentence2", "gold_label"), limit=count):
         if row["gold_label"] not in MEDNLI_TRAILING:
-            raise DPrunerError(f"{path}:{lineno}: gold_label {row['gold_label']!r} is not one of {', '.join(MEDNLI_TRAILING)}")
+            raise DPrunerError(f"{where}: gold_label {row['gold_label']!r} is not one of {', '.join(MEDNLI_TRAILING)}")
         texts.append(MEDNLI_TEMPLATE.format(s1=row["sentence1"], s2=row["sentence2"], label=row["gold_label"],
                                             trailing=MEDNLI_TRAILING[row["gold_label"]]))
     return texts

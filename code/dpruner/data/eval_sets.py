@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dpruner.data.calibration import C4_HELDOUT_FILES
-from dpruner.data.files import _open_text, as_list, data_file, describe, read_jsonl
+from dpruner.data.files import as_list, data_file, describe, read_jsonl, read_jsonl_numbered
 from dpruner.errors import DPrunerError
 
 # Row counts the original evaluates on (upstream notes §5, protocol notes).
@@ -89,15 +89,9 @@ class EvalSet:
     labels: tuple[str, ...] = ()
 
 
-def _nonblank_line_numbers(path: Path) -> list[int]:
-    with _open_text(path) as handle:
-        return [lineno for lineno, line in enumerate(handle, start=1) if line.strip()]
-
-
 def _numbered_rows(path: Path, required: Sequence[str], limit: int | None) -> list[tuple[str, dict[str, Any]]]:
     """Rows of a JSONL file paired with `file:line`, so field errors can name the exact line."""
-    rows = read_jsonl(path, required=required, limit=limit)
-    return [(f"{path}:{lineno}", row) for lineno, row in zip(_nonblank_line_numbers(path), rows)]
+    return read_jsonl_numbered(path, required=required, limit=limit)
 
 
 def _text(row: dict[str, Any], key: str, where: str) -> str:

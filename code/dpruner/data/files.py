@@ -42,17 +42,19 @@ def describe(path: Path) -> dict[str, Any]:
     return {"path": str(path), "sha256": sha256_file(path)}
 
 
-def _open_text(path: Path):
+def open_text(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
 
 
-def read_jsonl(path: str | os.PathLike, required: Iterable[str] = (), limit: int | None = None) -> list[dict[str, Any]]:
-    """Rows of a JSON Lines file; a malformed row is reported with its file and line number."""
+def read_jsonl_numbered(path: str | os.PathLike, required: Iterable[str] = (),
+                        limit: int | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """Rows of a JSON Lines file, each with its `file:line`, so later field checks can name the line.
+    A malformed row is reported with its file and line number."""
     path = Path(path)
     required = tuple(required)
-    rows: list[dict[str, Any]] = []
+    rows: list[tuple[str, dict[str, Any]]] = []
     try:
-        handle = _open_text(path)
+        handle = open_text(path)
     except FileNotFoundError:
         raise DPrunerError(f"{path}: file not found") from None
     with handle:
@@ -70,16 +72,21 @@ def read_jsonl(path: str | os.PathLike, required: Iterable[str] = (), limit: int
             missing = [key for key in required if key not in row]
             if missing:
                 raise DPrunerError(f"{path}:{lineno}: missing key(s) {', '.join(missing)}")
-            rows.append(row)
+            rows.append((f"{path}:{lineno}", row))
     if not rows:
         raise DPrunerError(f"{path}: no rows")
     return rows
 
 
+def read_jsonl(path: str | os.PathLike, required: Iterable[str] = (), limit: int | None = None) -> list[dict[str, Any]]:
+    """Rows of a JSON Lines file (see `read_jsonl_numbered`)."""
+    return [row for _, row in read_jsonl_numbered(path, required, limit)]
+
+
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     try:
-        with _open_text(path) as handle:
+        with open_text(path) as handle:
             return json.load(handle)
     except FileNotFoundError:
         raise DPrunerError(f"{path}: file not found") from None

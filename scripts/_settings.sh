@@ -1,0 +1,77 @@
+# Sourced by pipeline.sh and reproduce_tables.sh: parse `DOMAIN [MODEL] [--quick] [--out DIR] [--fresh]`,
+# set every setting (environment variables of the same name win), and pin them in OUT/settings.txt so a
+# rerun resumes only with the same settings. Defines `step` and `evaluate_model LABEL TARGET`.
+DOMAIN="${1:-}"
+case "$DOMAIN" in legal|medical) shift ;; -h|--help) usage; exit 0 ;; *) echo "error: first argument must be legal or medical (see --help)" >&2; exit 2 ;; esac
+MODEL=smollm2-135m; QUICK=0; OUT=""; FRESH=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) QUICK=1 ;;
+        --fresh) FRESH=1 ;;
+        --out) [ $# -ge 2 ] || { echo "error: --out needs a folder" >&2; exit 2; }; OUT="$2"; shift ;;
+        -h|--help) usage; exit 0 ;;
+        -*) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
+        *) MODEL="$1" ;;
+    esac
+    shift
+done
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
+
+if [ "$QUICK" = 1 ]; then
+    # Small settings that finish on a 2-core CPU; the choices are recorded in the output folder.
+    : "${OUT:=outputs/$DOMAIN-quick}" "${SPARSITY:=0.5}" "${NSAMPLES:=16}" "${SEQLEN:=256}"
+    : "${PPL_LIMIT:=20}" "${PPL_MAX_LENGTH:=512}" "${PPL_STRIDE:=256}" "${CHOICE_LIMIT:=40}" "${GEN_LIMIT:=5}"
+    : "${GEN_ARGS:=--greedy --max-new-tokens 48}" "${WIKI_LIMIT:=600}" "${WIKI_SEQLEN:=512}"
+    if [ "$DOMAIN" = legal ]; then
+        : "${TRAIN_ARGS:=casehold_examples=32 billsum_examples=8 data_max_length=256 per_device_train_batch_size=4}"
+    else
+        : "${TRAIN_ARGS:=pubmedqa_examples=24 hqs_examples=16 data_max_length=256 per_device_train_batch_size=4}"
+    fi
+else
+    # The paper's settings (original code's defaults): 0.52 of the projections, 128 x 2048 C4 windows,
+    # the full stage-2 config, and the full test sets with the original decoding.
+    : "${OUT:=outputs/$DOMAIN}" "${SPARSITY:=0.52}" "${NSAMPLES:=128}" "${SEQLEN:=2048}"
+    : "${PPL_LIMIT:=300}" "${PPL_MAX_LENGTH:=2048}" "${PPL_STRIDE:=512}" "${CHOICE_LIMIT:=}" "${GEN_LIMIT:=}"
+    : "${GEN_ARGS:=}" "${WIKI_LIMIT:=}" "${WIKI_SEQLEN:=2048}" "${TRAIN_ARGS:=}"
+fi
+: "${WINDOWING:=document}" "${BLOCKS:=32}" "${EVAL_BATCH:=8}"
+: "${DS_CONFIG:=config/ds_config.json}" "${LAUNCHER:=deepspeed --master_port ${MASTER_PORT:-6006}}"
+CONFIG=config/args_lomo.yaml; [ "$DOMAIN" = medical ] && CONFIG=config/args_lomo_medical.yaml
+
+SETTINGS="model=$MODEL domain=$DOMAIN sparsity=$SPARSITY nsamples=$NSAMPLES seqlen=$SEQLEN windowing=$WINDOWING
+blocks=$BLOCKS train=[$TRAIN_ARGS] ppl=[$PPL_LIMIT $PPL_MAX_LENGTH $PPL_STRIDE] choice=[$CHOICE_LIMIT]
+generation=[$GEN_LIMIT $GEN_ARGS] wikitext=[$WIKI_LIMIT $WIKI_SEQLEN] config=$CONFIG ds=$DS_CONFIG"
+[ "$FRESH" = 1 ] && rm -rf "$OUT"
+mkdir -p "$OUT"
+if [ -f "$OUT/settings.txt" ] && [ "$(cat "$OUT/settings.txt")" != "$SETTINGS" ]; then
+    echo "error: $OUT holds results of other settings ($OUT/settings.txt); pass --fresh or another --out" >&2
+    exit 2
+fi
+echo "$SETTINGS" > "$OUT/settings.txt"
+START=$SECONDS
+step() { echo; echo "== $* (t=$((SECONDS - START)) s)"; }
+opt() { [ -n "$2" ] && echo "$1 $2" || true; }   # "--limit N" only when N is set
+
+if [ "$DOMAIN" = legal ]; then
+    TASKS="legal_perplexity_evaluation.py:legal_perplexity test_casehold.py:casehold test_billsum.py:billsum"
+else
+    TASKS="medical_perplexity_evaluation.py:medical_perplexity test_pubmedqa.py:pubmedqa test_hqs.py:hqs"
+fi
+
+# evaluate_model LABEL TARGET: the domain's evaluations + WikiText-2 into OUT/eval/LABEL/<task>.json
+# (finished results are kept, so a rerun resumes).
+evaluate_model() {
+    local label="$1" target="$2" entry script task result args
+    for entry in $TASKS general_perplexity_evaluation.py:general_perplexity; do
+        script="${entry%%:*}"; task="${entry##*:}"; result="$OUT/eval/$label/$task.json"
+        if [ -f "$result" ]; then echo "[skip] $label $task"; continue; fi
+        case "$task" in
+            general_perplexity) args="--datasets wikitext2 --max-length $WIKI_SEQLEN $(opt --limit "$WIKI_LIMIT")" ;;
+            *_perplexity) args="--max-length $PPL_MAX_LENGTH --stride $PPL_STRIDE $(opt --limit "$PPL_LIMIT")" ;;
+            casehold|pubmedqa) args="$(opt --limit "$CHOICE_LIMIT")" ;;
+            *) args="$GEN_ARGS $(opt --limit "$GEN_LIMIT")" ;;
+        esac
+        # shellcheck disable=SC2086
+        "$PY" "code/$script" "$MODEL" "$target" --batch-size "$EVAL_BATCH" --out "$result" $args
+    done
+}

@@ -14,12 +14,11 @@ from __future__ import annotations
 import json
 
 from dpruner import cli
-from dpruner.data.calibration import C4_SOURCES, WINDOWING_MODES
 from dpruner.methods import get_method
 from dpruner.models import EMBEDDED_MODEL
 from dpruner.obs import DEFAULT_BLOCKSIZE, DEFAULT_PERCDAMP
 from dpruner.errors import DPrunerError
-from dpruner.pipeline import CalibrationSpec, prune_with_method
+from dpruner.pipeline import add_calibration_options, calibration_from_args, prune_with_method
 
 # The original general.py's default (0.52 of the 7 projections ~ 50% of all LLaMA-2-7B weights).
 DEFAULT_SPARSITY = 0.52
@@ -33,18 +32,10 @@ def build_parser():
     parser.add_argument("dataset", help=f"calibration data: {', '.join(GENERAL_DATASETS)} (c4 is the original's only choice)")
     parser.add_argument("--sparsity", type=float, default=DEFAULT_SPARSITY,
                         help="fraction pruned inside each column block during the sweep (original general.py default)")
-    parser.add_argument("--nsamples", type=int, default=128, help="calibration windows (SparseGPT / original)")
-    parser.add_argument("--seqlen", type=int, default=2048, help="tokens per window (original hard-codes 2048)")
     parser.add_argument("--blocksize", type=int, default=DEFAULT_BLOCKSIZE, help="OBS column block (SparseGPT)")
     parser.add_argument("--percdamp", type=float, default=DEFAULT_PERCDAMP,
                         help="Hessian dampening, fraction of mean(diag H) (SparseGPT)")
-    parser.add_argument("--seed", type=int, default=0, help="calibration sampling seed (SparseGPT / original)")
-    parser.add_argument("--windowing", choices=WINDOWING_MODES, default="document",
-                        help="document: random window of a long-enough document (original); "
-                             "concat: windows of all documents joined (ours, for small local C4 samples)")
-    parser.add_argument("--c4-source", choices=C4_SOURCES, default="local",
-                        help="local: the prepared offline C4 sample; hub: allenai/c4 shard 0 (original, online)")
-    parser.add_argument("--data-dir", default=None, help="prepared data root (default: legal_pruning_data/data)")
+    add_calibration_options(parser)
     parser.add_argument("--out", default="outputs/general_importance", help="score folder (resumable)")
     parser.add_argument("--save-pruned", default=None, metavar="DIR",
                         help="also save the SparseGPT-pruned model here (our SparseGPT baseline)")
@@ -64,8 +55,7 @@ def main(argv=None) -> int:
         raise DPrunerError(f"unknown calibration dataset {args.dataset!r}; expected one of {', '.join(GENERAL_DATASETS)}")
     cli.quiet_libraries()
     method = get_method("sparsegpt", sparsity=args.sparsity, blocksize=args.blocksize, percdamp=args.percdamp)
-    calibration = CalibrationSpec(dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-                                  windowing=args.windowing, source=args.c4_source, data_dir=args.data_dir)
+    calibration = calibration_from_args(args, args.dataset)
     result = prune_with_method(args.model, method, calibration, scores_out=cli.resolve_out(args.out),
                                save_pruned=cli.resolve_out(args.save_pruned), overwrite=args.overwrite,
                                dtype=args.dtype, device=args.device, batch_size=args.batch_size,

@@ -26,7 +26,6 @@ from pathlib import Path
 
 from dpruner import cli
 from dpruner.config import DOMAINS
-from dpruner.data.calibration import C4_SOURCES, DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN, WINDOWING_MODES
 from dpruner.errors import DPrunerError
 from dpruner.export import REPORT_NAME, check_output_dir
 from dpruner.masks import parse_pattern
@@ -35,8 +34,8 @@ from dpruner.methods.magnitude import SCOPES
 from dpruner.methods.mixcal import DEFAULT_ALPHA
 from dpruner.models import EMBEDDED_MODEL, load_tokenizer
 from dpruner.obs import DEFAULT_BLOCKSIZE, DEFAULT_PERCDAMP
-from dpruner.pipeline import (CALIBRATION_DATASETS, CalibrationSpec, build_calibration, check_model_structure,
-                              prune_with_method)
+from dpruner.pipeline import (CALIBRATION_DATASETS, CalibrationSpec, add_calibration_options, build_calibration,
+                              calibration_from_args, check_model_structure, prune_with_method)
 from dpruner.stage3 import DEFAULT_BLOCKS, check_layer_count
 
 STRUCTURED = "llm-pruner"
@@ -68,18 +67,7 @@ def build_parser():
     parser.add_argument("--domain", choices=DOMAINS, default=None,
                         help="domain half of --calibration mix (legal: CaseHOLD + BillSum, medical: PubMedQA + HQS "
                              "training strings of stage 2)")
-    parser.add_argument("--nsamples", type=int, default=DEFAULT_NSAMPLES,
-                        help="calibration windows in total, for every method (SparseGPT / Wanda)")
-    parser.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN,
-                        help="tokens per window (SparseGPT's LLaMA value; Wanda uses the model's context, "
-                             "4096 for LLaMA-2)")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="calibration sampling seed (SparseGPT / Wanda)")
-    parser.add_argument("--windowing", choices=WINDOWING_MODES, default="document",
-                        help="C4 windows: document = random window of a long-enough document (original); concat = "
-                             "windows of all documents joined (ours); domain text is always concat")
-    parser.add_argument("--c4-source", choices=C4_SOURCES, default="local",
-                        help="local: the prepared offline C4 sample; hub: allenai/c4 shard 0 (original, online)")
-    parser.add_argument("--data-dir", default=None, help="prepared data root (default: legal_pruning_data/data)")
+    add_calibration_options(parser)
     parser.add_argument("--alpha", type=float, default=None,
                         help=f"mixcal: weight of the C4 Hessian, in [0, 1]; unset: {DEFAULT_ALPHA} "
                              "(ours: an even blend)")
@@ -130,8 +118,7 @@ def check_arguments(args: Namespace) -> None:
 
 
 def calibration_spec(args: Namespace) -> CalibrationSpec:
-    spec = CalibrationSpec(dataset=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-                           windowing=args.windowing, source=args.c4_source, data_dir=args.data_dir, domain=args.domain)
+    spec = calibration_from_args(args, args.calibration, args.domain)
     spec.validate()
     return spec
 

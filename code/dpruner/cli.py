@@ -13,7 +13,14 @@ EXIT_USER_ERROR = 2
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults next to every option and keeps the description's line breaks."""
+    """Shows defaults next to every option and keeps the description's line breaks; an option whose
+    help already says its default (or whose default is None/False) is left as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or "default:" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

@@ -175,3 +175,21 @@ def check_supported(model: nn.Module, name: str = "model") -> None:
 def count_parameters(model: nn.Module) -> int:
     """Unique parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def meta_skeleton(name: str) -> nn.Module:
+    """The model built from its config on the meta device (no weights): cheap structure checks before
+    any heavy work. Raises a one-line error for unreadable configs and unsupported architectures."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(name))
+    except (OSError, ValueError) as err:
+        raise DPrunerError(f"model {name!r}: cannot read its config ({str(err).splitlines()[0]})") from None
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except ValueError as err:
+        raise DPrunerError(f"model {name!r} is not a causal LM ({str(err).splitlines()[0]})") from None
+    check_supported(skeleton, name)
+    return skeleton

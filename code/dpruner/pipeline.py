@@ -31,8 +31,8 @@ from dpruner.io import ScoreWriter
 from dpruner.layerwise import prune_layerwise
 from dpruner.methods.base import PruningMethod
 from dpruner.masks import parse_pattern
-from dpruner.models import (PROJECTIONS, check_supported, decoder_layers, load_model, load_tokenizer,
-                            projection_modules, resolve_device, resolve_model)
+from dpruner.models import (PROJECTIONS, decoder_layers, load_model, load_tokenizer, meta_skeleton,
+                            projection_modules, resolve_device)
 
 MIX = "mix"
 CALIBRATION_DATASETS = ("c4", *DOMAINS, MIX)
@@ -74,6 +74,30 @@ class CalibrationSpec:
         return self.dataset if self.dataset in DOMAINS else self.domain
 
 
+def add_calibration_options(parser) -> None:
+    """The calibration options every layer-wise pruning CLI shares (defaults of SparseGPT / the original)."""
+    from dpruner.data.calibration import C4_SOURCES, WINDOWING_MODES
+
+    parser.add_argument("--nsamples", type=int, default=DEFAULT_NSAMPLES,
+                        help="calibration windows in total, for every method (SparseGPT / the original)")
+    parser.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN,
+                        help="tokens per window (the original and SparseGPT hard-code 2048 for LLaMA; "
+                             "Wanda uses the model's context, 4096 for LLaMA-2)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="calibration sampling seed (SparseGPT / original)")
+    parser.add_argument("--windowing", choices=WINDOWING_MODES, default="document",
+                        help="C4 windows: document = random window of a long-enough document (original); concat = "
+                             "windows of all documents joined (ours, for small local C4 samples); domain text is "
+                             "always concat")
+    parser.add_argument("--c4-source", choices=C4_SOURCES, default="local",
+                        help="local: the prepared offline C4 sample; hub: allenai/c4 shard 0 (original, online)")
+    parser.add_argument("--data-dir", default=None, help="prepared data root (default: legal_pruning_data/data)")
+
+
+def calibration_from_args(args, dataset: str, domain: str | None = None) -> CalibrationSpec:
+    return CalibrationSpec(dataset=dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                           windowing=args.windowing, source=args.c4_source, data_dir=args.data_dir, domain=domain)
+
+
 def domain_calibration_texts(domain: str, data_dir: str | None) -> list[str]:
     """The stage-2 training strings of `domain` (stage 2's default sources and order). PubMedQA PQA-A
     and MedNLI need user-supplied files that are stage-2 config options, so calibration leaves them out."""
@@ -108,21 +132,9 @@ def build_calibration(spec: CalibrationSpec, tokenizer,
 
 
 def check_model_structure(model_name: str, pattern: str = "unstructured") -> int:
-    """Build the model on the meta device (no weights) to check its layout, and that an N:M `pattern`
-    divides every projection's input size; return its layer count."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    resolved = resolve_model(model_name)
-    try:
-        config = AutoConfig.from_pretrained(resolved)
-    except (OSError, ValueError) as err:
-        raise DPrunerError(f"model {model_name!r}: cannot read its config ({str(err).splitlines()[0]})") from None
-    try:
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
-    except ValueError as err:
-        raise DPrunerError(f"model {model_name!r} is not a causal LM ({str(err).splitlines()[0]})") from None
-    check_supported(skeleton, model_name)
+    """Check the model's layout without loading weights, and that an N:M `pattern` divides every
+    projection's input size; return its layer count."""
+    skeleton = meta_skeleton(model_name)
     check_pattern_fits(skeleton, pattern, model_name)
     return len(skeleton.model.layers)
 

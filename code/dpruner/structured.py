@@ -43,8 +43,8 @@ from torch import nn
 
 from dpruner.errors import DPrunerError
 from dpruner.export import check_output_dir, save_pruned_model
-from dpruner.models import (check_supported, count_parameters, decoder_layers, load_model, load_tokenizer,
-                            projection_modules, resolve_device, resolve_dtype, resolve_model)
+from dpruner.models import (count_parameters, decoder_layers, load_model, load_tokenizer, meta_skeleton,
+                            projection_modules, resolve_device, resolve_dtype)
 
 METHOD = "llm-pruner"
 IMPORTANCE = "first-order Taylor, element-wise |w * dL/dw| summed over each group's parameters (LLM-Pruner param_first)"
@@ -297,23 +297,6 @@ def apply_plan(model: nn.Module, layout: GroupLayout, plan: RemovalPlan,
     return removed
 
 
-def _skeleton(model_name: str) -> nn.Module:
-    """The model on the meta device (config only, no weights), for checks before any heavy work."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(resolve_model(model_name))
-    except (OSError, ValueError) as err:
-        raise DPrunerError(f"model {model_name!r}: cannot read its config ({str(err).splitlines()[0]})") from None
-    try:
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
-    except ValueError as err:
-        raise DPrunerError(f"model {model_name!r} is not a causal LM ({str(err).splitlines()[0]})") from None
-    check_supported(skeleton, model_name)
-    return skeleton
-
-
 def prune_structured(model_name: str, out, *, target_ratio: float, calibration: dict[str, torch.Tensor],
                      overwrite: bool = False, dtype: str = "auto", device: str | None = None) -> dict:
     """Remove `target_ratio` of all parameters as whole KV groups and MLP channels; save the smaller model.
@@ -325,7 +308,7 @@ def prune_structured(model_name: str, out, *, target_ratio: float, calibration: 
     target_device = resolve_device(device)
     resolve_dtype(dtype, target_device)  # a bad dtype fails here, before any loading
     out = check_output_dir(out, overwrite)
-    skeleton = _skeleton(model_name)  # fail on an unreachable target or bad windows before loading weights
+    skeleton = meta_skeleton(model_name)  # fail on an unreachable target or bad windows before loading weights
     plan_removal(group_layout(skeleton), target_ratio)
     windows = check_calibration(calibration, skeleton.config.vocab_size)
     del skeleton

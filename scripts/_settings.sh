@@ -15,6 +15,7 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
+[ -n "$OUT" ] && OUT="$(realpath -m "$OUT")"   # --out is relative to where the user runs the script
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 
 if [ "$QUICK" = 1 ]; then
@@ -37,6 +38,7 @@ fi
 : "${WINDOWING:=document}" "${BLOCKS:=32}" "${EVAL_BATCH:=8}"
 : "${DS_CONFIG:=config/ds_config.json}" "${LAUNCHER:=deepspeed --master_port ${MASTER_PORT:-6006}}"
 CONFIG=config/args_lomo.yaml; [ "$DOMAIN" = medical ] && CONFIG=config/args_lomo_medical.yaml
+OUT="$(realpath -m "$OUT")"   # defaults are relative to the repository root (_env.sh changed into it)
 
 SETTINGS="model=$MODEL domain=$DOMAIN sparsity=$SPARSITY nsamples=$NSAMPLES seqlen=$SEQLEN windowing=$WINDOWING
 blocks=$BLOCKS train=[$TRAIN_ARGS] ppl=[$PPL_LIMIT $PPL_MAX_LENGTH $PPL_STRIDE] choice=[$CHOICE_LIMIT]
@@ -57,6 +59,18 @@ if [ "$DOMAIN" = legal ]; then
 else
     TASKS="medical_perplexity_evaluation.py:medical_perplexity test_pubmedqa.py:pubmedqa test_hqs.py:hqs"
 fi
+
+# run_stage2 FOLDER [key=value ...]: stage 2 (this domain's config, launcher, TRAIN_ARGS) into OUT/FOLDER
+# with the stage-1 scores of OUT/general_importance, unless that run is already complete.
+run_stage2() {
+    local folder="$1"; shift
+    if grep -qs '"complete": true' "$OUT/$folder/trainer_state.json"; then
+        echo "[skip] $OUT/$folder is complete"; return
+    fi
+    # shellcheck disable=SC2086
+    $LAUNCHER code/src/train_lomo.py "$CONFIG" model_name_or_path="$MODEL" deepspeed="$DS_CONFIG" \
+        general_importance_dir="$OUT/general_importance" output_dir="$OUT/$folder" $TRAIN_ARGS "$@"
+}
 
 # evaluate_model LABEL TARGET: the domain's evaluations + WikiText-2 into OUT/eval/LABEL/<task>.json
 # (finished results are kept, so a rerun resumes).

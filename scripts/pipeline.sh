@@ -24,13 +24,7 @@ else
 fi
 
 step "stage 2: LOMO fine-tuning with the dual importance ($LAUNCHER)"
-if grep -qs '"complete": true' "$OUT/lomo/trainer_state.json"; then
-    echo "[skip] $OUT/lomo is complete"
-else
-    # shellcheck disable=SC2086
-    $LAUNCHER code/src/train_lomo.py "$CONFIG" model_name_or_path="$MODEL" deepspeed="$DS_CONFIG" \
-        general_importance_dir="$REPO_ROOT/$OUT/general_importance" output_dir="$REPO_ROOT/$OUT/lomo" $TRAIN_ARGS
-fi
+run_stage2 lomo
 
 step "stage 3: masks on the original weights (sparsity $SPARSITY; per matrix, and $BLOCKS column blocks)"
 for variant in matrix iterative; do

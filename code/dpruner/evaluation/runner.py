@@ -145,9 +145,12 @@ def _sparsity(model: nn.Module, folder: str) -> dict[str, Any]:
     """The pruning report's sparsity when the folder has one, else zeros counted in the loaded model."""
     report_path = Path(folder) / REPORT_NAME
     if report_path.is_file():
-        sparsity = read_json(report_path).get("sparsity")
+        report = read_json(report_path)
+        sparsity = report.get("sparsity")
         if isinstance(sparsity, dict) and "overall_sparsity" in sparsity:
-            return {"source": str(report_path), **{k: v for k, v in sparsity.items() if k != "per_layer"}}
+            # A structured model is smaller rather than sparser: keep its parameter counts too.
+            sizes = {k: report[k] for k in ("parameters_before", "parameters_after") if k in report}
+            return {"source": str(report_path), **{k: v for k, v in sparsity.items() if k != "per_layer"}, **sizes}
     counted = sparsity_report(model)
     return {"source": "counted", **{k: v for k, v in counted.items() if k != "per_layer"}}
 

@@ -1,0 +1,482 @@
+"""Sweeps: quality against sparsity for several pruning methods, or against stage 2's lambda.
+
+Every point is pruned and evaluated by the project's CLIs run as subprocesses, so a point is exactly
+the command a user would type (and its output is in OUT/logs/<point>.log). The metric set is cheap but
+meaningful: domain perplexity, the domain's multiple-choice accuracy and WikiText-2 perplexity, read back
+with `dpruner.tables` so the numbers are the ones the paper-style tables show.
+
+Resuming: a point is finished when its evaluation JSONs exist; each point (and each stage-2 run) records
+the recipe it was computed with, and a rerun that would compute it differently is refused before any work.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from dpruner import tables
+from dpruner.errors import DPrunerError
+from dpruner.export import REPORT_NAME
+from dpruner.io import ScoreSet, atomic_path, read_json, write_json
+
+CODE_DIR = Path(__file__).resolve().parents[1]
+REPO_ROOT = CODE_DIR.parent
+KINDS = ("sparsity", "lambda")
+# prune_baseline.py's unstructured methods; llm-pruner's --sparsity counts all parameters, another axis.
+SPARSITY_METHODS = ("magnitude", "wanda", "sparsegpt", "mixcal", "dpruner")
+LAMBDA_METHOD = "dpruner"
+DENSE = tables.DENSE
+SWEEP_FILE = "sweep.json"
+SWEEP_FORMAT = "dpruner-sweep/1"
+RESULTS_CSV = "results.csv"
+TABLE_MD = "table.md"
+PLOT = "pareto.png"
+STATE_FILE = "trainer_state.json"  # stage 2's marker of a finished run
+
+# Per domain: (perplexity task, multiple-choice task); task name -> evaluation CLI.
+DOMAIN_TASKS = {"legal": ("legal_perplexity", "casehold"), "medical": ("medical_perplexity", "pubmedqa")}
+WIKITEXT_TASK = "general_perplexity"
+SCRIPTS = {"legal_perplexity": "legal_perplexity_evaluation.py", "casehold": "test_casehold.py",
+           "medical_perplexity": "medical_perplexity_evaluation.py", "pubmedqa": "test_pubmedqa.py",
+           WIKITEXT_TASK: "general_perplexity_evaluation.py"}
+STAGE2_CONFIGS = {"legal": "config/args_lomo.yaml", "medical": "config/args_lomo_medical.yaml"}
+# Stage-2 keys the lambda sweep sets itself; --train-args must leave them alone.
+STAGE2_RESERVED = ("model_name_or_path", "general_importance_dir", "output_dir", "regularizer_lambda")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Evaluation sizes: the --quick pipeline's, with more multiple-choice rows so accuracy differences
+    of a few points are visible (200 rows: standard error ~3.5 points)."""
+
+    ppl_limit: int = 20
+    ppl_max_length: int = 512
+    ppl_stride: int = 256
+    choice_limit: int = 200
+    wiki_limit: int = 600
+    wiki_seqlen: int = 512
+
+    def check(self) -> None:
+        for name, value in asdict(self).items():
+            if value < 1:
+                raise DPrunerError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.ppl_stride > self.ppl_max_length:
+            raise DPrunerError(f"--ppl-stride {self.ppl_stride} must not exceed --ppl-max-length {self.ppl_max_length}")
+
+    def task_args(self, task: str) -> list[str]:
+        if task == WIKITEXT_TASK:
+            return ["--datasets", "wikitext2", "--max-length", str(self.wiki_seqlen), "--limit", str(self.wiki_limit)]
+        if task.endswith("_perplexity"):
+            return ["--max-length", str(self.ppl_max_length), "--stride", str(self.ppl_stride),
+                    "--limit", str(self.ppl_limit)]
+        return ["--limit", str(self.choice_limit)]
+
+
+@dataclass(frozen=True)
+class Point:
+    label: str
+    method: str  # a prune_baseline.py method, or DENSE
+    sparsity: float
+    lam: float | None = None  # the lambda sweep's stage-2 regularizer weight
+
+
+@dataclass
+class SweepConfig:
+    kind: str
+    model: str
+    domain: str
+    out: Path
+    sparsities: list[float]
+    methods: list[str] = field(default_factory=list)  # sparsity sweep
+    lambdas: list[float] = field(default_factory=list)  # lambda sweep
+    scores: Path | None = None  # dpruner's score folder (sparsity sweep)
+    general_importance: Path | None = None  # stage-1 output (lambda sweep)
+    train_args: list[str] = field(default_factory=list)
+    launcher: list[str] = field(default_factory=lambda: [sys.executable])
+    nsamples: int = 128
+    seqlen: int = 2048
+    evaluation: EvalSettings = field(default_factory=EvalSettings)
+    batch_size: int = 8
+    keep_models: bool = False
+    fresh: bool = False
+
+    # ---------- checks ----------
+    def check(self) -> None:
+        """Every input check, before anything is run or written."""
+        if self.kind not in KINDS:
+            raise DPrunerError(f"unknown sweep {self.kind!r}; expected one of {', '.join(KINDS)}")
+        if self.domain not in DOMAIN_TASKS:
+            raise DPrunerError(f"unknown domain {self.domain!r}; expected one of {', '.join(DOMAIN_TASKS)}")
+        _check_list(self.sparsities, "--sparsities")
+        for value in self.sparsities:
+            if not 0.0 <= value < 1.0:
+                raise DPrunerError(f"--sparsities: {value:g} is outside [0, 1)")
+        self.evaluation.check()
+        for name in ("nsamples", "seqlen", "batch_size"):
+            if getattr(self, name) < 1:
+                raise DPrunerError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.kind == "sparsity":
+            self._check_sparsity_sweep()
+        else:
+            self._check_lambda_sweep()
+
+    def _check_sparsity_sweep(self) -> None:
+        _check_list(self.methods, "--methods")
+        unknown = [m for m in self.methods if m not in SPARSITY_METHODS]
+        if unknown:
+            raise DPrunerError(f"--methods: unknown method {unknown[0]!r}; "
+                               f"expected some of {', '.join(SPARSITY_METHODS)}")
+        if "dpruner" in self.methods and self.scores is None:
+            raise DPrunerError("method dpruner needs --scores DIR (its importance folder, e.g. OUT/lomo/importance)")
+        if self.scores is not None:
+            if "dpruner" not in self.methods:
+                raise DPrunerError("--scores is only read by method dpruner, which is not in --methods")
+            ScoreSet.open(self.scores)
+
+    def _check_lambda_sweep(self) -> None:
+        from dpruner.config import load_config, parse_override
+
+        _check_list(self.lambdas, "--lambdas")
+        negative = [lam for lam in self.lambdas if lam < 0]
+        if negative:
+            raise DPrunerError(f"--lambdas: lambda must be >= 0, got {negative[0]:g}")
+        if self.general_importance is None:
+            raise DPrunerError("the lambda sweep needs --general-importance DIR (stage-1 output)")
+        ScoreSet.open(self.general_importance)
+        if not self.launcher:
+            raise DPrunerError("--launcher is empty")
+        for text in self.train_args:
+            key = parse_override(text)[0]
+            if key in STAGE2_RESERVED:
+                raise DPrunerError(f"--train-args sets {key}, which the sweep sets itself "
+                                   "(use MODEL, --general-importance, --out, --lambdas)")
+        load_config(REPO_ROOT / STAGE2_CONFIGS[self.domain], self.stage2_overrides(self.lambdas[0]))
+
+    # ---------- what the sweep runs ----------
+    def points(self) -> list[Point]:
+        """The dense reference first, then every (method or lambda, sparsity) pair in the given order."""
+        points = [Point(DENSE, DENSE, 0.0)]
+        if self.kind == "sparsity":
+            points += [Point(f"{m}-s{s!r}", m, s) for m in self.methods for s in self.sparsities]
+        else:
+            points += [Point(f"{_lambda_name(lam)}-s{s!r}", LAMBDA_METHOD, s, lam)
+                       for lam in self.lambdas for s in self.sparsities]
+        return points
+
+    def recipe(self, point: Point) -> dict[str, Any]:
+        """Everything that determines a point's numbers (not how fast they come: batch size, launcher)."""
+        recipe: dict[str, Any] = {"model": self.model, "domain": self.domain, "method": point.method,
+                                  "evaluation": asdict(self.evaluation)}
+        if point.method == DENSE:
+            return recipe
+        recipe["sparsity"] = point.sparsity
+        if point.lam is not None:
+            recipe["stage2"] = self.stage2_recipe(point.lam)
+        elif point.method == "dpruner":
+            recipe["scores"] = str(self.scores)
+        elif point.method != "magnitude":
+            recipe["calibration"] = {"nsamples": self.nsamples, "seqlen": self.seqlen}
+        return recipe
+
+    def recipe_path(self, point: Point) -> Path:
+        return self.out / "recipes" / f"{point.label}.json"
+
+    def stage2_recipe(self, lam: float) -> dict[str, Any]:
+        return {"lambda": lam, "general_importance": str(self.general_importance), "train_args": self.train_args}
+
+    def stage2_dir(self, lam: float) -> Path:
+        return self.out / "lomo" / _lambda_name(lam)
+
+    def stage2_overrides(self, lam: float) -> list[str]:
+        return [f"model_name_or_path={self.model}", f"general_importance_dir={self.general_importance}",
+                f"output_dir={self.stage2_dir(lam)}", *self.train_args, f"regularizer_lambda={lam}"]
+
+    def prune_command(self, point: Point, target: Path) -> list[str]:
+        if point.lam is not None:
+            return _cli("save_model.py", self.model, self.stage2_dir(point.lam) / "importance", target,
+                        "--sparsity", point.sparsity)
+        command = _cli("prune_baseline.py", point.method, self.model, target, "--sparsity", point.sparsity)
+        if point.method == "dpruner":
+            return [*command, "--scores", str(self.scores)]
+        if point.method == "magnitude":
+            return command
+        command += ["--nsamples", str(self.nsamples), "--seqlen", str(self.seqlen)]
+        return [*command, "--calibration", "mix", "--domain", self.domain] if point.method == "mixcal" else command
+
+    def tasks(self) -> list[str]:
+        return [*DOMAIN_TASKS[self.domain], WIKITEXT_TASK]
+
+    def result_path(self, point: Point, task: str) -> Path:
+        """OUT/eval/<point>/<task>.json: the layout dpruner.tables and make_tables.py read."""
+        return self.out / "eval" / point.label / f"{task}.json"
+
+    def finished(self, point: Point) -> bool:
+        return all(self.result_path(point, task).is_file() for task in self.tasks())
+
+
+def _check_list(values: Sequence[Any], option: str) -> None:
+    if not values:
+        raise DPrunerError(f"{option} is empty")
+    if len(set(values)) != len(values):
+        raise DPrunerError(f"{option} lists a value twice")
+
+
+def _lambda_name(lam: float) -> str:
+    """Shortest exact form, so two different values never share a folder."""
+    return f"lambda{lam!r}"
+
+
+def _cli(script: str, *args: Any) -> list[str]:
+    return [sys.executable, str(CODE_DIR / script), *map(str, args)]
+
+
+def parse_list(text: str, option: str, number: bool = False) -> list[Any]:
+    """A comma-separated command-line list (numbers when `number`)."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not number:
+        return items
+    values = []
+    for item in items:
+        try:
+            value = float(item)
+        except ValueError:
+            raise DPrunerError(f"{option}: {item!r} is not a number") from None
+        if not math.isfinite(value):
+            raise DPrunerError(f"{option}: {item!r} is not a finite number")
+        values.append(value)
+    return values
+
+
+# ---------- the output folder ----------
+def _prepare(config: SweepConfig, points: Sequence[Point]) -> None:
+    """Refuse a foreign folder or another kind of sweep, apply --fresh, refuse changed recipes."""
+    out, marker = config.out, config.out / SWEEP_FILE
+    if out.exists() and not out.is_dir():
+        raise DPrunerError(f"--out {out} is a file; expected a folder")
+    if out.is_dir() and any(out.iterdir()) and not marker.is_file():
+        raise DPrunerError(f"--out {out} is not empty and holds no {SWEEP_FILE}; choose another folder")
+    if config.fresh and marker.is_file():
+        shutil.rmtree(out)
+    elif marker.is_file():
+        kind = read_json(marker).get("sweep")
+        if kind != config.kind:
+            raise DPrunerError(f"--out {out} holds a {kind} sweep, not a {config.kind} sweep; choose another folder")
+    for what, (path, recipe) in _recipes(config, points).items():
+        if path.is_file():
+            _same_recipe(out, what, read_json(path), recipe)
+    write_json(marker, {"format": SWEEP_FORMAT, "sweep": config.kind, "points": [p.label for p in points],
+                        "command": shlex.join(sys.argv)})
+
+
+def _recipes(config: SweepConfig, points: Sequence[Point]) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """{what: (recipe file, recipe)} for every point and every stage-2 run of the sweep."""
+    recipes = {f"point {p.label}": (config.recipe_path(p), config.recipe(p)) for p in points}
+    for lam in config.lambdas if config.kind == "lambda" else ():
+        recipes[f"stage 2 of {_lambda_name(lam)}"] = (config.stage2_dir(lam).with_suffix(".json"),
+                                                      config.stage2_recipe(lam))
+    return recipes
+
+
+def _same_recipe(out: Path, what: str, old: dict[str, Any], new: dict[str, Any]) -> None:
+    old, new = _flatten(old), _flatten(new)
+    differ = [key for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+    if differ:
+        key = differ[0]
+        raise DPrunerError(f"{out}: {what} was computed with other settings ({key}: {old.get(key)!r} -> "
+                           f"{new.get(key)!r}); pass --fresh to start over or choose another --out")
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+# ---------- running ----------
+def _run(config: SweepConfig, label: str, step: str, command: list[str]) -> None:
+    """One CLI as a subprocess, its output appended to OUT/logs/<label>.log; a failure names its error line."""
+    log = config.out / "logs" / f"{label}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    tqdm.write(f"{label}: {step}")
+    with open(log, "a") as handle:
+        handle.write(f"\n$ {shlex.join(command)}\n")
+        handle.flush()
+        code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO_ROOT).returncode
+    if code:
+        lines = log.read_text().rsplit("\n$ ", 1)[-1].splitlines()[1:]
+        errors = [line for line in lines if line.startswith("error:")]
+        reason = (errors or [line for line in lines if line.strip()] or ["no output"])[-1]
+        raise DPrunerError(f"{label}: {step} failed (exit {code}): {reason}; full output in {log}")
+
+
+def _stage2(config: SweepConfig, lam: float) -> None:
+    """Stage 2 with this lambda, unless finished; its fine-tuned weights are dropped unless --keep-models."""
+    folder = config.stage2_dir(lam)
+    state = folder / STATE_FILE
+    if state.is_file() and read_json(state).get("complete"):
+        return
+    write_json(folder.with_suffix(".json"), config.stage2_recipe(lam))
+    command = [*config.launcher, str(CODE_DIR / "src" / "train_lomo.py"),
+               str(REPO_ROOT / STAGE2_CONFIGS[config.domain]), *config.stage2_overrides(lam)]
+    _run(config, _lambda_name(lam), "stage 2 (LOMO fine-tuning, dual importance)", command)
+    if not config.keep_models:
+        shutil.rmtree(folder / "epochs", ignore_errors=True)
+
+
+def _run_point(config: SweepConfig, point: Point) -> None:
+    """Prune (unless the model is there), evaluate what is missing, keep the report, drop the model."""
+    write_json(config.recipe_path(point), config.recipe(point))
+    target = config.out / "models" / point.label
+    if point.method == DENSE:
+        target = Path(config.model)
+    elif not (target / REPORT_NAME).is_file():
+        if point.lam is not None:
+            _stage2(config, point.lam)
+        _run(config, point.label, "prune", config.prune_command(point, target))
+    for task in config.tasks():
+        result = config.result_path(point, task)
+        if not result.is_file():
+            _run(config, point.label, f"evaluate {task}",
+                 _cli(SCRIPTS[task], config.model, target, "--batch-size", config.batch_size, "--out", result,
+                      *config.evaluation.task_args(task)))
+    if point.method != DENSE:
+        with atomic_path(config.out / "reports" / f"{point.label}.json") as tmp:
+            shutil.copyfile(target / REPORT_NAME, tmp)
+        if not config.keep_models:
+            shutil.rmtree(target)
+
+
+def run_sweep(config: SweepConfig) -> list[dict[str, Any]]:
+    """Run every unfinished point; results.csv, table.md and pareto.png are rewritten after each."""
+    config.check()
+    points = config.points()
+    _prepare(config, points)
+    bar = tqdm(points, desc=f"{config.kind} sweep", unit="point")
+    for point in bar:
+        bar.set_postfix_str(point.label)
+        if config.finished(point):
+            tqdm.write(f"[skip] {point.label}: already evaluated")
+        else:
+            _run_point(config, point)
+        rows = write_results(config, points)
+    bar.close()
+    return rows
+
+
+# ---------- results ----------
+def _key(title: str) -> str:
+    """A table column title as a CSV column name: "CaseHOLD acc" -> casehold_acc."""
+    return re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")
+
+
+def headline_columns(domain: str) -> tuple[tables.Column, tables.Column]:
+    """The plotted metrics: the first column of the domain's perplexity task and of its choice task."""
+    ppl_task, choice_task = DOMAIN_TASKS[domain]
+    columns = tables.COLUMNS[domain]
+    return (next(c for c in columns if c.task == ppl_task), next(c for c in columns if c.task == choice_task))
+
+
+def collect(config: SweepConfig, points: Sequence[Point]) -> tuple[list[dict[str, Any]], tables.Table | None]:
+    """One row per finished point (in sweep order), with the sparsity its pruning report measured."""
+    finished = [p for p in points if config.finished(p)]
+    if not finished:
+        return [], None
+    table = tables.build_table(tables.load_results(config.out / "eval"), config.domain, [p.label for p in finished])
+    rows = []
+    for point, (label, values, sparsity) in zip(finished, table.rows):
+        row: dict[str, Any] = {"sweep": config.kind, "label": label, "method": point.method,
+                               "lambda": "" if point.lam is None else point.lam, "sparsity": point.sparsity,
+                               "projection_sparsity": sparsity.get("projection_sparsity"),
+                               "overall_sparsity": sparsity.get("overall_sparsity")}
+        row.update({_key(column.title): values[column.title] for column in table.columns})
+        rows.append(row)
+    return rows, table
+
+
+def write_results(config: SweepConfig, points: Sequence[Point]) -> list[dict[str, Any]]:
+    rows, table = collect(config, points)
+    if not rows:
+        return rows
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_path(config.out / RESULTS_CSV) as tmp:
+        tmp.write_text(buffer.getvalue())
+    with atomic_path(config.out / TABLE_MD) as tmp:
+        tmp.write_text(tables.to_markdown(table))
+    with atomic_path(config.out / PLOT) as tmp:
+        plot(rows, tmp, config.domain, config.kind)
+    return rows
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the (sparsity, perplexity) points no other point beats: none is at least as sparse with
+    lower perplexity, or sparser with equal perplexity. Sorted by sparsity."""
+    order = sorted(range(len(points)), key=lambda i: (-points[i][0], points[i][1]))
+    front, best = [], math.inf
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def plot(rows: Sequence[dict[str, Any]], path: Path, domain: str, kind: str) -> None:
+    """Domain ppl (log) and accuracy against sparsity, one line per method / lambda, dense dashed, and
+    the Pareto front of (high sparsity, low ppl) circled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ppl_column, acc_column = headline_columns(domain)
+    ppl_key, acc_key = _key(ppl_column.title), _key(acc_column.title)
+    dense = next((r for r in rows if r["method"] == DENSE), None)
+    pruned = [r for r in rows if r["method"] != DENSE]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in pruned:
+        groups.setdefault(row["method"] if kind == "sparsity" else f"λ = {row['lambda']!r}", []).append(row)
+
+    fig, (ax_ppl, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
+    for ax, key, title in ((ax_ppl, ppl_key, ppl_column.title), (ax_acc, acc_key, acc_column.title)):
+        for index, (name, members) in enumerate(groups.items()):
+            members = sorted((r for r in members if _finite(r[key])), key=lambda r: r["sparsity"])
+            ax.plot([r["sparsity"] for r in members], [r[key] for r in members], marker="o", color=f"C{index % 10}",
+                    label=name)
+        if dense is not None and _finite(dense[key]):
+            ax.axhline(dense[key], color="grey", linestyle="--", linewidth=1, label="dense")
+        ax.set(xlabel="sparsity of the 7 projections", ylabel=title)
+        ax.grid(alpha=0.3)
+    candidates = [r for r in rows if _finite(r[ppl_key])]
+    front = [candidates[i] for i in pareto_front([(r["sparsity"], r[ppl_key]) for r in candidates])]
+    ax_ppl.plot([r["sparsity"] for r in front], [r[ppl_key] for r in front], linestyle=":", color="black",
+                marker="o", markersize=11, markerfacecolor="none", label="Pareto front")
+    ax_ppl.set_yscale("log")
+    ax_ppl.set_title(f"{ppl_column.title} (lower is better)")
+    ax_acc.set_title(f"{acc_column.title} (higher is better)")
+    ax_ppl.legend(fontsize=8)
+    fig.suptitle(f"{domain}: {kind} sweep")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Every row of the paper's table for one domain at one sparsity and one calibration budget, the table,
+# a mask analysis and OUT/RESULTS_<domain>.md. Steps (finished ones are skipped, so a rerun resumes):
+#   1. scripts/pipeline.sh: dense, sparsegpt, dpruner-matrix, dpruner-iterative (stages 1-3)
+#   2. baselines at $SPARSITY with the same NSAMPLES x SEQLEN calibration: magnitude, wanda (C4),
+#      mixcal (C4 + domain Hessians, alpha 0.5), and llm-pruner (structured) removing the fraction of ALL
+#      parameters that dpruner-matrix removes (its pruning_report.json), so both keep as many parameters
+#   3. ablations, each masked per matrix at $SPARSITY on the original weights (code/save_model.py):
+#      dpruner-noreg  stage 2 with regularizer=none (no general-importance term), same config and launcher
+#      domain-only    stage 2 with regularizer=none learning_rate=0: the importance of the domain gradients
+#                     at the pretrained weights, no fine-tuning (the domain half of D-Pruner alone)
+#      general-only   the stage-1 scores as the mask: SparseGPT's saliency w^2/[H^-1]_jj, per matrix,
+#                     without SparseGPT's weight update (the general half of D-Pruner alone)
+#   4. the domain's 3 evaluations + WikiText-2 for every row; OUT/table_full.md and OUT/table_full.csv
+#   5. mask overlap (code/analyze_masks.py) of the unstructured models in OUT/mask_analysis, and of D-Pruner
+#      and its three ablations in OUT/mask_analysis_dpruner; general-only and dpruner-matrix are exactly
+#      the masks of the stage-1 and stage-2 scores at $SPARSITY, so their pair is general vs dual importance
+#   6. OUT/RESULTS_<domain>.md (command, date, machine, versions, settings, wall time, table, figures);
+#      the Jaccard figures are copied to docs/figures/<domain>/ (docs/figures/<domain>-quick/ with --quick)
+#
+# Usage: scripts/reproduce_tables.sh legal|medical [MODEL] [--quick] [--out DIR] [--fresh]
+#   the arguments, settings and output folder of scripts/pipeline.sh (see its --help); every setting in
+#   scripts/_settings.sh can be overridden with an environment variable of that name
+set -euo pipefail
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+ARGS=("$@")
+source "$(dirname "$0")/_settings.sh"
+
+CALIBRATION=(--nsamples "$NSAMPLES" --seqlen "$SEQLEN" --windowing "$WINDOWING")
+ROWS="dense magnitude sparsegpt wanda llm-pruner mixcal dpruner-matrix dpruner-iterative dpruner-noreg general-only domain-only"
+UNSTRUCTURED="magnitude sparsegpt wanda mixcal dpruner-matrix dpruner-iterative dpruner-noreg general-only domain-only"
+
+# prune LABEL METHOD [OPTIONS]: code/prune_baseline.py into OUT/models/LABEL, unless it is there.
+prune() {
+    local label="$1" method="$2"; shift 2
+    if [ -f "$OUT/models/$label/pruning_report.json" ]; then echo "[skip] $label"; return; fi
+    "$PY" code/prune_baseline.py "$method" "$MODEL" "$OUT/models/$label" "$@"
+}
+# mask LABEL SCORES: code/save_model.py (per matrix, $SPARSITY) into OUT/models/LABEL, unless it is there.
+mask() {
+    if [ -f "$OUT/models/$1/pruning_report.json" ]; then echo "[skip] $1"; return; fi
+    "$PY" code/save_model.py "$MODEL" "$2" "$OUT/models/$1" --sparsity "$SPARSITY"
+}
+# analyze FOLDER LABEL...: code/analyze_masks.py over OUT/models/LABEL, unless FOLDER is complete.
+analyze() {
+    local folder="$1" label sources=(); shift
+    if [ -f "$folder/summary.json" ]; then echo "[skip] $folder"; return; fi
+    for label in "$@"; do sources+=("$label=$OUT/models/$label"); done
+    "$PY" code/analyze_masks.py "${sources[@]}" --out "$folder" --overwrite > /dev/null
+}
+
+step "1/6 scripts/pipeline.sh: dense, SparseGPT, D-Pruner per matrix and iterative"
+if [ -f "$OUT/table.md" ]; then
+    echo "[skip] $OUT/table.md exists"
+else
+    PIPELINE_ARGS=("$DOMAIN" "$MODEL" --out "$OUT")
+    if [ "$QUICK" = 1 ]; then PIPELINE_ARGS+=(--quick); fi
+    bash scripts/pipeline.sh "${PIPELINE_ARGS[@]}"
+fi
+
+step "2/6 baselines at sparsity $SPARSITY ($NSAMPLES x $SEQLEN calibration tokens)"
+prune magnitude magnitude --sparsity "$SPARSITY"
+prune wanda wanda --sparsity "$SPARSITY" --calibration c4 "${CALIBRATION[@]}"
+prune mixcal mixcal --sparsity "$SPARSITY" --calibration mix --domain "$DOMAIN" --alpha 0.5 "${CALIBRATION[@]}"
+OVERALL=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["sparsity"]["overall_sparsity"])' \
+    "$OUT/models/dpruner-matrix/pruning_report.json")
+echo "llm-pruner removes $OVERALL of all parameters (as dpruner-matrix)"
+prune llm-pruner llm-pruner --sparsity "$OVERALL" --calibration c4 "${CALIBRATION[@]}"
+
+step "3/6 ablations: dpruner-noreg, domain-only (stage 2 without regularizer / without fine-tuning), general-only"
+run_stage2 lomo_noreg regularizer=none
+run_stage2 lomo_domain_only regularizer=none learning_rate=0
+mask dpruner-noreg "$OUT/lomo_noreg/importance"
+mask domain-only "$OUT/lomo_domain_only/importance"
+mask general-only "$OUT/general_importance"
+
+step "4/6 evaluation of every row, and the table"
+for label in $ROWS; do
+    target="$OUT/models/$label"; [ "$label" = dense ] && target="$MODEL"
+    evaluate_model "$label" "$target"
+done
+"$PY" code/make_tables.py "$OUT/eval" --domain "$DOMAIN" --labels "${ROWS// /,}" \
+    --md "$OUT/table_full.md" --csv "$OUT/table_full.csv" > /dev/null
+
+step "5/6 mask analysis"
+# shellcheck disable=SC2086
+analyze "$OUT/mask_analysis" $UNSTRUCTURED
+analyze "$OUT/mask_analysis_dpruner" dpruner-matrix dpruner-noreg general-only domain-only
+FIGURES="docs/figures/$DOMAIN"; [ "$QUICK" = 1 ] && FIGURES="$FIGURES-quick"
+mkdir -p "$FIGURES"
+cp "$OUT/mask_analysis/jaccard_heatmap.png" "$FIGURES/jaccard_heatmap.png"
+cp "$OUT/mask_analysis_dpruner/jaccard_by_layer.png" "$FIGURES/jaccard_by_layer.png"
+
+step "6/6 $OUT/RESULTS_$DOMAIN.md"
+WALL=$((SECONDS - START))
+printf '%s\t%s\t%s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$WALL" "${ARGS[*]}" >> "$OUT/reproduce_runs.tsv"
+RUNS=$(wc -l < "$OUT/reproduce_runs.tsv")
+TOTAL=$(awk -F'\t' '{ s += $2 } END { print s }' "$OUT/reproduce_runs.tsv")
+CPU=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || echo unknown)
+RAM=$(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)
+GPU=$("$PY" -c 'import torch
+print(", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none")')
+VERSIONS=$("$PY" -c 'import importlib.metadata as m, platform
+packages = ("torch", "transformers", "deepspeed")
+print(", ".join([f"python {platform.python_version()}", *(f"{p} {m.version(p)}" for p in packages)]))')
+REPORT="$OUT/RESULTS_$DOMAIN.md"
+{
+    echo "## $DOMAIN: all rows at sparsity $SPARSITY of the 7 projections ($MODEL)"
+    echo
+    echo "- command: \`bash scripts/reproduce_tables.sh ${ARGS[*]}\`"
+    echo "- date: $(date -u +%Y-%m-%d) (UTC)"
+    echo "- machine: $CPU, $(nproc) cores, $RAM RAM, GPU: $GPU"
+    echo "- versions: $VERSIONS"
+    echo "- wall time: $WALL s for this run; $TOTAL s over the $RUNS run(s) of this script on $OUT"
+    echo "  (a rerun skips finished steps; each run is listed in $OUT/reproduce_runs.tsv)"
+    echo "- llm-pruner removes $OVERALL of all parameters, as many as dpruner-matrix"
+    echo "- settings ($OUT/settings.txt):"
+    echo
+    echo '```'
+    cat "$OUT/settings.txt"
+    echo '```'
+    echo
+    cat "$OUT/table_full.md"
+    echo
+    echo "Mask overlap (Jaccard of the pruned weights):"
+    echo "- [all unstructured models](mask_analysis/jaccard_heatmap.png), copy: $FIGURES/jaccard_heatmap.png"
+    echo "- [D-Pruner and its ablations, per layer](mask_analysis_dpruner/jaccard_by_layer.png)," \
+        "copy: $FIGURES/jaccard_by_layer.png"
+    echo "- numbers: mask_analysis/jaccard.csv, mask_analysis_dpruner/jaccard.csv"
+    echo
+    echo "<!-- reading: -->"
+} > "$REPORT.tmp"
+mv "$REPORT.tmp" "$REPORT"
+
+echo
+cat "$OUT/table_full.md"
+echo
+echo "results: $REPORT; table $OUT/table_full.md (.csv); figures $FIGURES/"
+echo "wall time: $WALL s"

@@ -1,0 +1,189 @@
+"""code/sweep.py on a tiny model: one sparsity sweep (magnitude + dpruner at two sparsities) checked for its
+rows, the sparsities its pruning reports measured, the plot, resuming without recomputation and refusing
+changed settings; one-line errors for bad input; and reproduce_tables.sh's argument handling."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CODE, REPO, error_line, make_tiny_llama, run_cli
+from dpruner import cli
+from dpruner.io import save_score_folder
+from dpruner.models import decoder_layers, projection_modules
+from dpruner.sweep import Point, SweepConfig, pareto_front
+
+SPARSITIES = (0.3, 0.5)
+LABELS = ["dense", *(f"{m}-s{s!r}" for m in ("magnitude", "dpruner") for s in SPARSITIES)]
+TINY_SETTINGS = ["--nsamples", "2", "--seqlen", "32", "--ppl-limit", "2", "--ppl-max-length", "64",
+                 "--ppl-stride", "32", "--choice-limit", "1", "--wiki-limit", "10", "--wiki-seqlen", "64"]
+
+
+def random_scores(folder: Path) -> Path:
+    """A score folder shaped like the tiny model's projections (dpruner's input)."""
+    generator = torch.Generator().manual_seed(3)
+    layers = [{name: torch.rand(linear.weight.shape, generator=generator)
+               for name, linear in projection_modules(layer).items()} for layer in decoder_layers(make_tiny_llama())]
+    return save_score_folder(folder, layers, kind="dual_importance", model="tiny", settings={})
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, tiny_llama_dir):
+    """The sweep's folder and arguments after one complete run."""
+    root = tmp_path_factory.mktemp("sweep")
+    args = ["sparsity", tiny_llama_dir, "--domain", "legal", "--methods", "magnitude,dpruner",
+            "--sparsities", ",".join(map(str, SPARSITIES)), "--scores", random_scores(root / "scores"),
+            "--out", root / "out", *TINY_SETTINGS]
+    result = run_cli("sweep.py", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "out", args
+
+
+def read_rows(out: Path) -> list[dict[str, str]]:
+    with open(out / "results.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.slow
+def test_results_have_one_row_per_point_with_the_reported_sparsity(sweep):
+    out, _ = sweep
+    rows = read_rows(out)
+    assert [row["label"] for row in rows] == LABELS
+    assert rows[0]["method"] == "dense" and float(rows[0]["sparsity"]) == 0.0
+    for row in rows[1:]:
+        method, sparsity = row["label"].split("-s")
+        assert row["method"] == method and float(row["sparsity"]) == float(sparsity)
+        report = json.loads((out / "reports" / f"{row['label']}.json").read_text())["sparsity"]
+        assert float(row["projection_sparsity"]) == pytest.approx(report["projection_sparsity"], rel=1e-12)
+        assert float(row["overall_sparsity"]) == pytest.approx(report["overall_sparsity"], rel=1e-12)
+        assert float(row["projection_sparsity"]) == pytest.approx(float(sparsity), abs=1e-3)
+    for row in rows:
+        legal = json.loads((out / "eval" / row["label"] / "legal_perplexity.json").read_text())["metrics"]
+        assert float(row["legal_ppl"]) == pytest.approx(legal["multilegalpile"]["ppl_window_mean"], rel=1e-12)
+        assert 0.0 <= float(row["casehold_acc"]) <= 1.0 and float(row["wikitext_2_ppl"]) > 1.0
+    assert not any((out / "models").iterdir()), "pruned models are deleted after evaluation"
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(label in (out / "table.md").read_text() for label in LABELS[1:])
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_points(sweep):
+    out, args = sweep
+    results = sorted((out / "eval").glob("*/*.json"))
+    before = {path: path.stat().st_mtime_ns for path in results}
+    csv_before = (out / "results.csv").read_text()
+    rerun = run_cli("sweep.py", *args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert rerun.stdout.count("[skip]") == len(LABELS)
+    assert ": prune" not in rerun.stdout and ": evaluate" not in rerun.stdout
+    assert {path: path.stat().st_mtime_ns for path in results} == before
+    assert not any((out / "models").iterdir())
+    assert (out / "results.csv").read_text() == csv_before
+
+
+@pytest.mark.slow
+def test_changed_setting_is_refused_before_any_work(sweep):
+    out, args = sweep
+    changed = list(args)
+    changed[changed.index("--choice-limit") + 1] = "2"
+    before = sorted(path.name for path in (out / "logs").iterdir())
+    line = error_line(run_cli("sweep.py", *changed))
+    assert "choice_limit: 1 -> 2" in line and "--fresh" in line
+    assert sorted(path.name for path in (out / "logs").iterdir()) == before
+
+
+def load_main():
+    spec = importlib.util.spec_from_file_location("sweep_cli", CODE / "sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+BAD_INPUTS = {
+    "unknown method": (["--methods", "magnitude,optimal"], "unknown method 'optimal'"),
+    "sparsity 1": (["--methods", "magnitude", "--sparsities", "0.5,1"], "1 is outside [0, 1)"),
+    "negative sparsity": (["--methods", "magnitude", "--sparsities", "-0.1"], "-0.1 is outside [0, 1)"),
+    "not a number": (["--methods", "magnitude", "--sparsities", "half"], "'half' is not a number"),
+    "empty methods": (["--methods", ","], "--methods is empty"),
+    "empty sparsities": (["--methods", "magnitude", "--sparsities", ""], "--sparsities is empty"),
+    "dpruner without scores": (["--methods", "magnitude,dpruner"], "dpruner needs --scores"),
+    "scores without dpruner": (["--methods", "magnitude", "--scores", "{scores}"], "only read by method dpruner"),
+    "bad eval setting": (["--methods", "magnitude", "--ppl-stride", "600"], "--ppl-stride 600 must not exceed"),
+}
+BAD_LAMBDA_INPUTS = {
+    "negative lambda": (["--lambdas", "0,-0.1"], "lambda must be >= 0, got -0.1"),
+    "empty lambdas": (["--lambdas", ""], "--lambdas is empty"),
+    "reserved train arg": (["--train-args", "output_dir=/tmp/x"], "--train-args sets output_dir"),
+    "unknown train arg": (["--train-args", "learning_rat=0.1"], "did you mean 'learning_rate'?"),
+}
+
+
+@pytest.fixture(scope="module")
+def scores_dir(tmp_path_factory) -> Path:
+    return random_scores(tmp_path_factory.mktemp("bad") / "scores")
+
+
+@pytest.mark.parametrize("case", [*BAD_INPUTS, *BAD_LAMBDA_INPUTS])
+def test_bad_input_gives_one_error_line_and_writes_nothing(case, tiny_llama_dir, scores_dir, tmp_path, capsys):
+    kind = "sparsity" if case in BAD_INPUTS else "lambda"
+    extra, message = BAD_INPUTS[case] if kind == "sparsity" else BAD_LAMBDA_INPUTS[case]
+    extra = [value.format(scores=scores_dir) for value in extra]
+    if kind == "lambda":
+        extra += ["--general-importance", str(scores_dir)]
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(load_main(), [kind, str(tiny_llama_dir), "--domain", "legal", "--out", str(out), *extra])
+    assert exit_info.value.code == cli.EXIT_USER_ERROR
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], errors
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_foreign_out_folder_is_refused_even_with_fresh(tiny_llama_dir, tmp_path):
+    (tmp_path / "keep.txt").write_text("not a sweep")
+    line = error_line(run_cli("sweep.py", "sparsity", tiny_llama_dir, "--domain", "legal", "--methods", "magnitude",
+                              "--out", tmp_path, "--fresh"))
+    assert "holds no sweep.json" in line and (tmp_path / "keep.txt").exists()
+
+
+def test_lambda_sweep_runs_stage2_per_lambda_and_masks_per_sparsity(tmp_path):
+    config = SweepConfig(kind="lambda", model="m", domain="medical", out=tmp_path, sparsities=[0.4, 0.6],
+                         lambdas=[0.0, 1.0], general_importance=tmp_path / "gi", train_args=["max_steps=2"])
+    points = config.points()
+    assert [p.label for p in points] == ["dense", "lambda0.0-s0.4", "lambda0.0-s0.6", "lambda1.0-s0.4",
+                                           "lambda1.0-s0.6"]
+    assert config.stage2_overrides(1.0)[-2:] == ["max_steps=2", "regularizer_lambda=1.0"]
+    command = config.prune_command(Point("lambda1.0-s0.6", "dpruner", 0.6, 1.0), tmp_path / "model")
+    assert command[1].endswith("save_model.py")
+    importance = tmp_path / "lomo" / "lambda1.0" / "importance"
+    assert command[3:] == [str(importance), str(tmp_path / "model"), "--sparsity", "0.6"]
+    assert config.tasks() == ["medical_perplexity", "pubmedqa", "general_perplexity"]
+
+
+def test_pareto_front_keeps_points_no_sparser_point_beats():
+    points = [(0.0, 10.0), (0.3, 12.0), (0.3, 11.0), (0.5, 11.5), (0.5, 30.0), (0.7, 40.0), (0.6, 50.0)]
+    assert pareto_front(points) == [0, 2, 3, 5]
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(REPO / "scripts" / "reproduce_tables.sh"), *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+@pytest.mark.slow
+def test_reproduce_tables_help_and_bad_arguments():
+    help_text = run_script("--help")
+    assert help_text.returncode == 0 and "Usage: scripts/reproduce_tables.sh legal|medical" in help_text.stdout
+    assert "domain-only" in help_text.stdout and "general-only" in help_text.stdout
+    for args, message in ((["finance"], "first argument must be legal or medical"),
+                          (["legal", "--bogus"], "unknown option --bogus")):
+        result = run_script(*args)
+        lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr

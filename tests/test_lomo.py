@@ -166,3 +166,36 @@ def test_regularizer_changes_the_run_and_lambda_zero_is_plain_lomo():
     assert_same_weights(zero, plain, atol=0)
     differs = max((p - q).abs().max().item() for p, q in zip(regularized.parameters(), plain.parameters()))
     assert differs > 1e-6
+
+
+def test_fp16_overflow_skips_the_step_and_halves_the_loss_scale():
+    """The original's dynamic loss scaling: an overflow found in the norm pass skips the step (no
+    update, no importance), halves the scale, and the next step does not count as `after an update`."""
+    from dpruner.lomo import DynamicLossScaler
+
+    model = make_tiny_llama(seed=6)
+    before = copy.deepcopy(model)
+    scaler = DynamicLossScaler(65536.0)
+    lomo = Lomo(model.named_parameters(), lr=PEAK_LR, clip_grad_norm=1.0, loss_scaler=scaler)
+    batch = batches()[0]
+    assert lomo.norm_pass(model(**batch).loss * float("inf"), PEAK_LR) is False
+    assert scaler.scale == 32768.0 and lomo.previous_step_updated is False
+    assert all(p.grad is None for p in model.parameters())
+    assert_same_weights(model, before, atol=0)
+    assert lomo.norm_pass(model(**batch).loss, PEAK_LR) is True
+    lomo.update_pass(model(**batch).loss, PEAK_LR)
+    assert lomo.previous_step_updated is True and scaler.scale == 32768.0
+
+
+def test_loss_scaled_updates_equal_plain_sgd():
+    from dpruner.lomo import DynamicLossScaler
+
+    lomo_model = make_tiny_llama(seed=7)
+    sgd_model = copy.deepcopy(lomo_model)
+    lomo = Lomo(lomo_model.named_parameters(), lr=PEAK_LR, clip_grad_norm=1.0, loss_scaler=DynamicLossScaler(1024.0))
+    lomo_model.train()
+    for step, batch in enumerate(batches(), start=1):
+        assert lomo.norm_pass(lomo_model(**batch).loss, schedule(step))
+        lomo.update_pass(lomo_model(**batch).loss, schedule(step))
+    run_sgd(sgd_model, 1.0)
+    assert_same_weights(lomo_model, sgd_model)

@@ -3,11 +3,14 @@
 AdamW full fine-tuning on the same model, batch and settings (gradient checkpointing on, global-norm
 clipping 1.0 for all), each in a fresh process, alternated `--repeats` times.
 
-Prints peak resident memory during training (sampled; the model's weights included) and the median
-step time of each, as ratios to AdamW, plus the importance overhead relative to a plain LOMO step.
+Prints peak resident memory during training (sampled; the model's weights and the interpreter
+included) and the median step time of each, as ratios to AdamW, plus the importance overhead relative
+to a plain LOMO step. All three compute the same loss the same way: the trainer's chunked LM-head loss
+(`--loss-chunk-tokens`, default the config's; 0 = the model's own loss over full-batch logits).
 Targets: LOMO <= 0.5x AdamW memory, D-Pruner trainer <= 0.7x, importance overhead <= 15 %.
 
   python bench/lomo_memory.py [--model smollm2-135m] [--batch 4] [--seqlen 256] [--steps 4] [--repeats 2]
+                              [--loss-chunk-tokens 1024]
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import RssSampler, interleaved, median  # noqa: E402
 
+from dpruner.config import TrainConfig  # noqa: E402
+
 VARIANTS = ("adamw", "lomo", "dpruner")
 
 
 def batch_of(tokenizer, batch: int, seqlen: int):
     """The same real legal batch for every variant: CaseHOLD training prompts cut to `seqlen`."""
-    from dpruner.config import TrainConfig
     from dpruner.data.domain import domain_texts
     from dpruner.trainer import collate
 
@@ -43,6 +47,7 @@ def child(args) -> None:
     from dpruner.cli import quiet_libraries
     from dpruner.importance import DualImportance, ImportanceSettings, projection_target
     from dpruner.lomo import Lomo
+    from dpruner.loss import causal_lm_loss
     from dpruner.models import load_tokenizer, resolve_model
 
     quiet_libraries()
@@ -54,13 +59,14 @@ def child(args) -> None:
     model.activation_checkpointing_enable()
     model.train()
     named = dict(model.named_parameters())
+    chunk = args.loss_chunk_tokens or None
     times = []
     if args.mode == "adamw":
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
         def step(_lr: float) -> None:
             optimizer.zero_grad(set_to_none=True)
-            model(**batch).loss.backward()
+            causal_lm_loss(model, batch, chunk).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
     else:
@@ -72,8 +78,8 @@ def child(args) -> None:
         lomo = Lomo(named.items(), lr=1e-5, clip_grad_norm=1.0, grad_callback=callback)
 
         def step(lr: float) -> None:
-            lomo.norm_pass(model(**batch).loss, lr)
-            lomo.update_pass(model(**batch).loss, lr)
+            lomo.norm_pass(causal_lm_loss(model, batch, chunk), lr)
+            lomo.update_pass(causal_lm_loss(model, batch, chunk), lr)
     with RssSampler() as sampler:
         for index in range(args.steps):
             began = time.time()
@@ -90,15 +96,19 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--loss-chunk-tokens", type=int, default=TrainConfig.loss_chunk_tokens,
+                        help="tokens per LM-head chunk in the loss (default: %(default)s, the trainer's); 0 = full logits")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=VARIANTS, default="lomo", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
-    common = ["--model", args.model, "--batch", str(args.batch), "--seqlen", str(args.seqlen), "--steps", str(args.steps)]
+    common = ["--model", args.model, "--batch", str(args.batch), "--seqlen", str(args.seqlen), "--steps", str(args.steps),
+              "--loss-chunk-tokens", str(args.loss_chunk_tokens or 0)]
     runs = interleaved(__file__, {m: [*common, "--mode", m] for m in VARIANTS}, args.repeats)
     print(f"model {args.model}, batch {args.batch} x {args.seqlen} tokens, gradient checkpointing, clip 1.0, "
-          f"{args.steps} steps, {args.repeats} runs each (medians); CPU fp32")
+          f"{args.steps} steps, {args.repeats} runs each (medians); CPU fp32; "
+          f"loss over {'chunks of ' + str(args.loss_chunk_tokens) + ' tokens' if args.loss_chunk_tokens else 'full logits'}")
     adam_mem, adam_t = median(runs["adamw"], "peak_mb"), median(runs["adamw"], "step_s")
     for mode in VARIANTS:
         mem, t = median(runs[mode], "peak_mb"), median(runs[mode], "step_s")

@@ -1,12 +1,13 @@
-# Sourced by pipeline.sh and reproduce_tables.sh: parse `DOMAIN [MODEL] [--quick] [--out DIR] [--fresh]`,
+# Sourced by pipeline.sh and reproduce_tables.sh: parse `DOMAIN [MODEL] [--quick|--tiny] [--out DIR] [--fresh]`,
 # set every setting (environment variables of the same name win), and pin them in OUT/settings.txt so a
 # rerun resumes only with the same settings. Defines `step` and `evaluate_model LABEL TARGET`.
 DOMAIN="${1:-}"
 case "$DOMAIN" in legal|medical) shift ;; -h|--help) usage; exit 0 ;; *) echo "error: first argument must be legal or medical (see --help)" >&2; exit 2 ;; esac
-MODEL=smollm2-135m; QUICK=0; OUT=""; FRESH=0
+MODEL=smollm2-135m; QUICK=0; TINY=0; OUT=""; FRESH=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
+        --tiny) QUICK=1; TINY=1 ;;
         --fresh) FRESH=1 ;;
         --out) [ $# -ge 2 ] || { echo "error: --out needs a folder" >&2; exit 2; }; OUT="$2"; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -18,6 +19,11 @@ done
 [ -n "$OUT" ] && OUT="$(realpath -m "$OUT")"   # --out is relative to where the user runs the script
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 
+if [ "$TINY" = 1 ]; then
+    # --quick with smaller evaluation subsets (the quickstart's): ~2 minutes of evaluation per model.
+    : "${OUT:=outputs/$DOMAIN-tiny}" "${PPL_LIMIT:=10}" "${CHOICE_LIMIT:=30}" "${GEN_LIMIT:=3}"
+    : "${GEN_ARGS:=--greedy --max-new-tokens 32}" "${WIKI_LIMIT:=200}"
+fi
 if [ "$QUICK" = 1 ]; then
     # Small settings that finish on a 2-core CPU; the choices are recorded in the output folder.
     : "${OUT:=outputs/$DOMAIN-quick}" "${SPARSITY:=0.5}" "${NSAMPLES:=16}" "${SEQLEN:=256}"

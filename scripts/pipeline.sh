@@ -5,14 +5,15 @@
 #   stage 3 (D-Pruner masks on the original weights: per matrix and with iterative blocking)
 #   stage 4 (the domain's evaluations + WikiText-2 perplexity for dense, SparseGPT and both D-Pruner models)
 #
-# Usage: scripts/pipeline.sh legal|medical [MODEL] [--quick] [--out DIR] [--fresh]
+# Usage: scripts/pipeline.sh legal|medical [MODEL] [--quick|--tiny] [--out DIR] [--fresh]
 #   MODEL    a Hugging Face folder, hub id, or smollm2-135m (the embedded default)
 #   --quick  small settings for a 2-core CPU (minutes instead of hours); default: the paper's settings
-#   --out    output folder (default outputs/<domain>, or outputs/<domain>-quick with --quick)
+#   --tiny   --quick with smaller evaluation subsets (the quickstart's)
+#   --out    output folder (default outputs/<domain>, outputs/<domain>-quick or outputs/<domain>-tiny)
 #   --fresh  delete the output folder first (otherwise finished steps are skipped: the run resumes)
 # Every setting in scripts/_settings.sh can be overridden with an environment variable of that name.
 set -euo pipefail
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
 source "$(dirname "$0")/_settings.sh"
 
 step "stage 1: general importance on C4 ($NSAMPLES x $SEQLEN tokens, in-block sparsity $SPARSITY)"

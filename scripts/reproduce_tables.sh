@@ -16,9 +16,9 @@
 #      and its three ablations in OUT/mask_analysis_dpruner; general-only and dpruner-matrix are exactly
 #      the masks of the stage-1 and stage-2 scores at $SPARSITY, so their pair is general vs dual importance
 #   6. OUT/RESULTS_<domain>.md (command, date, machine, versions, settings, wall time, table, figures);
-#      the Jaccard figures are copied to docs/figures/<domain>/ (docs/figures/<domain>-quick/ with --quick)
+#      the Jaccard figures are copied to docs/figures/<domain>/ (<domain>-quick/, <domain>-tiny/ with those flags)
 #
-# Usage: scripts/reproduce_tables.sh legal|medical [MODEL] [--quick] [--out DIR] [--fresh]
+# Usage: scripts/reproduce_tables.sh legal|medical [MODEL] [--quick|--tiny] [--out DIR] [--fresh]
 #   the arguments, settings and output folder of scripts/pipeline.sh (see its --help); every setting in
 #   scripts/_settings.sh can be overridden with an environment variable of that name
 set -euo pipefail
@@ -54,7 +54,7 @@ if [ -f "$OUT/table.md" ]; then
     echo "[skip] $OUT/table.md exists"
 else
     PIPELINE_ARGS=("$DOMAIN" "$MODEL" --out "$OUT")
-    if [ "$QUICK" = 1 ]; then PIPELINE_ARGS+=(--quick); fi
+    if [ "$TINY" = 1 ]; then PIPELINE_ARGS+=(--tiny); elif [ "$QUICK" = 1 ]; then PIPELINE_ARGS+=(--quick); fi
     bash scripts/pipeline.sh "${PIPELINE_ARGS[@]}"
 fi
 
@@ -86,7 +86,8 @@ step "5/6 mask analysis"
 # shellcheck disable=SC2086
 analyze "$OUT/mask_analysis" $UNSTRUCTURED
 analyze "$OUT/mask_analysis_dpruner" dpruner-matrix dpruner-noreg general-only domain-only
-FIGURES="docs/figures/$DOMAIN"; [ "$QUICK" = 1 ] && FIGURES="$FIGURES-quick"
+FIGURES="docs/figures/$DOMAIN"
+if [ "$TINY" = 1 ]; then FIGURES="$FIGURES-tiny"; elif [ "$QUICK" = 1 ]; then FIGURES="$FIGURES-quick"; fi
 mkdir -p "$FIGURES"
 cp "$OUT/mask_analysis/jaccard_heatmap.png" "$FIGURES/jaccard_heatmap.png"
 cp "$OUT/mask_analysis_dpruner/jaccard_by_layer.png" "$FIGURES/jaccard_by_layer.png"

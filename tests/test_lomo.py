@@ -9,7 +9,9 @@ import torch
 
 from conftest import make_tiny_llama
 from dpruner.importance import DualImportance, ImportanceSettings, projection_target
+from dpruner.errors import DPrunerError
 from dpruner.lomo import Lomo
+from dpruner.loss import causal_lm_loss, check_chunked_loss
 from dpruner.trainer import collate, lr_at
 
 STEPS = 4
@@ -29,15 +31,16 @@ def schedule(step: int) -> float:
     return lr_at(step, STEPS, PEAK_LR, 0.25, "linear")
 
 
-def run_lomo(model, clip: float | None, callback=None, checkpointing: bool = False) -> Lomo:
+def run_lomo(model, clip: float | None, callback=None, checkpointing: bool = False,
+             loss_chunk: int | None = None) -> Lomo:
     if checkpointing:
         model.activation_checkpointing_enable()
     model.train()
     lomo = Lomo(model.named_parameters(), lr=PEAK_LR, clip_grad_norm=clip, grad_callback=callback)
     for step, batch in enumerate(batches(), start=1):
         if clip:
-            lomo.norm_pass(model(**batch).loss, schedule(step))
-        lomo.update_pass(model(**batch).loss, schedule(step))
+            lomo.norm_pass(causal_lm_loss(model, batch, loss_chunk), schedule(step))
+        lomo.update_pass(causal_lm_loss(model, batch, loss_chunk), schedule(step))
     return lomo
 
 
@@ -70,6 +73,45 @@ def test_lomo_equals_plain_sgd(clip, checkpointing):
     assert_same_weights(lomo_model, sgd_model)
     moved = max((p - q).abs().max().item() for p, q in zip(lomo_model.parameters(), start.parameters()))
     assert moved > 1e-4  # the comparison is not vacuous
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_lomo_with_chunked_loss_equals_plain_sgd(tied):
+    """The LM head's gradient arrives in one accumulation even when its logits are made in chunks."""
+    lomo_model = make_tiny_llama(seed=1, tie_word_embeddings=tied)
+    sgd_model = copy.deepcopy(lomo_model)
+    run_lomo(lomo_model, 1.0, checkpointing=True, loss_chunk=5)
+    run_sgd(sgd_model, 1.0)
+    assert_same_weights(lomo_model, sgd_model, atol=2e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_chunked_loss_and_gradients_equal_the_models_own(chunk):
+    model = make_tiny_llama(seed=4).train()
+    batch = batches()[0]
+    assert (batch["labels"] == -100).any()  # padding is part of the check
+    reference = model(**batch).loss
+    expected = torch.autograd.grad(reference, list(model.parameters()))
+    ours = causal_lm_loss(model, batch, chunk)
+    got = torch.autograd.grad(ours, list(model.parameters()))
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+    for g, e in zip(got, expected):  # per-element tolerances would fail on fp32 summation order alone
+        assert e.norm() > 0 and (g - e).norm() <= 1e-5 * e.norm()
+
+
+def test_chunked_loss_refuses_a_model_whose_loss_differs():
+    model = make_tiny_llama(seed=4)
+    forward = model.forward
+
+    def capped(**batch):
+        out = forward(**batch)
+        out.loss = out.loss * 0.5  # stands in for soft-capping or logit scaling inside the model
+        return out
+
+    model.forward = capped
+    with pytest.raises(DPrunerError, match="loss_chunk_tokens=16: chunked loss"):
+        check_chunked_loss(model, batches()[0], 16)
+    check_chunked_loss(model, batches()[0], None)  # the model's own loss needs no check
 
 
 def test_lomo_frees_every_gradient():

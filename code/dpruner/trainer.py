@@ -29,13 +29,15 @@ from dpruner.export import versions
 from dpruner.importance import DualImportance, ImportanceSettings, load_general_importance, projection_target
 from dpruner.io import atomic_dir, load_score_layers, read_json, save_score_folder, write_json
 from dpruner.lomo import DynamicLossScaler, Lomo
+from dpruner.loss import causal_lm_loss, check_chunked_loss
 from dpruner.models import load_tokenizer, resolve_dtype, resolve_model
 
 STATE_FILE = "trainer_state.json"
 # Fault injection for the resume test: SIGKILL this process right after saving the given epoch.
 KILL_AFTER_EPOCH_ENV = "DPRUNER_DEBUG_KILL_AFTER_EPOCH"
 # Settings that do not change the result; a run may resume with different values.
-NON_IDENTITY_KEYS = ("output_dir", "overwrite_output_dir", "logging_steps", "deepspeed", "save_strategy")
+NON_IDENTITY_KEYS = ("output_dir", "overwrite_output_dir", "logging_steps", "deepspeed", "save_strategy",
+                     "loss_chunk_tokens")
 
 
 def lr_at(step: int, total_steps: int, peak: float, warmup: float, kind: str) -> float:
@@ -90,6 +92,7 @@ class Stage2:
         if self.dtype == torch.float16 and not config.clip_grad_norm:
             raise DPrunerError("fp16 training needs clip_grad_norm: overflow is detected in the norm pass (as LOMO)")
         self.state = self._initial_state()
+        self._loss_checked = False
 
     # ---------- output folder and resume ----------
     def _initial_state(self) -> dict[str, Any]:
@@ -202,7 +205,10 @@ class Stage2:
     # ---------- training ----------
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = {k: v.to(self.rt.device) for k, v in batch.items()}
-        return self.model(**batch).loss
+        if not self._loss_checked:
+            check_chunked_loss(self.model, batch, self.config.loss_chunk_tokens)
+            self._loss_checked = True
+        return causal_lm_loss(self.model, batch, self.config.loss_chunk_tokens)
 
     def _after_backward(self) -> None:
         if self.engine is not None and self.zero3:

@@ -66,7 +66,7 @@ class TrainConfig:
     clip_grad_value: float | None = None  # original MyTrainingArguments default (off)
     seed: int = 42  # original args_lomo.yaml
     gradient_checkpointing: bool = True  # original args_lomo.yaml
-    loss_chunk_tokens: int | None = 256  # ours: LM head + loss per 256 tokens (same loss, less memory); null = model's own
+    loss_chunk_tokens: int | None = 256  # ours: LM head + loss per 256 tokens (same loss, less memory)
     data_max_length: int | None = None  # original passed 1024 but never truncated; null = no truncation
     save_strategy: str = "epoch"  # original: save every epoch ("no" keeps only the final importance)
     # --- domain data (counts of the original train_lomo.py) ---
@@ -113,9 +113,9 @@ class TrainConfig:
             if value < low or (high is not None and value >= high):
                 bound = f"[{low}, {high})" if high is not None else f">= {low}"
                 raise DPrunerError(f"{where}: {key}={value} out of range; expected {bound}")
-        for key in ("clip_grad_norm", "clip_grad_value", "loss_scale", "data_max_length", "max_steps", "loss_chunk_tokens",
-                    "casehold_examples", "billsum_examples", "pubmedqa_examples", "pubmedqa_artificial_examples",
-                    "mednli_examples", "hqs_examples"):
+        for key in ("clip_grad_norm", "clip_grad_value", "loss_scale", "data_max_length", "max_steps",
+                    "loss_chunk_tokens", "casehold_examples", "billsum_examples", "pubmedqa_examples",
+                    "pubmedqa_artificial_examples", "mednli_examples", "hqs_examples"):
             value = getattr(self, key)
             if value is not None and value <= 0 and not key.endswith("_examples"):
                 raise DPrunerError(f"{where}: {key} must be positive or null, got {value}")

@@ -2,6 +2,7 @@
 """MedNLI: a MedNLI JSONL file you supply (sentence1, sentence2, gold_label; credentialed, not shipped),
 candidates entailment / contradiction / neutral scored by mean log-probability after "Premise is '...',
 and hypothesis is '...'. Their relationship is '", the CaseHOLD scorer. Accuracy, macro-F1.
+--limit N takes N rows evenly spaced over the file (safe for label-sorted files).
 
 Example: python code/test_mednli.py smollm2-135m outputs/pruned mli_test_v1.jsonl
 """

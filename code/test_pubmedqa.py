@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """PubMedQA: the 500 PQA-L test rows, candidates 'yes' / 'no' / 'maybe' scored by mean log-probability
 after the training template's prefix ("... The answer is '"), the CaseHOLD scorer. Accuracy, macro-F1.
+The test file is sorted by answer, so --limit N takes N rows evenly spaced over it (not the first N).
 
 Example: python code/test_pubmedqa.py smollm2-135m outputs/pruned --limit 50
 """

@@ -277,6 +277,16 @@ def test_casehold_prompts_and_label_errors(tmp_path):
         eval_sets.casehold(str(root))
 
 
+def test_pubmedqa_limit_spreads_over_a_label_sorted_file(tmp_path):
+    labels = ["yes"] * 6 + ["no"] * 4 + ["maybe"] * 2
+    rows = [json.dumps({"QUESTION": f"q{i}", "CONTEXTS": ["c"], "final_decision": label})
+            for i, label in enumerate(labels)]
+    root = make_data_dir(tmp_path, {"pubmedqa_test": rows})
+    picked = eval_sets.pubmedqa(str(root), limit=6).items
+    assert [eval_sets.PUBMEDQA_LABELS[item.label] for item in picked] == ["yes", "yes", "yes", "no", "no", "maybe"]
+    assert len(eval_sets.pubmedqa(str(root), limit=None).items) == len(labels)
+
+
 def test_pubmedqa_and_mednli_prompts(tmp_path):
     row = {"QUESTION": "Does it work?", "CONTEXTS": "['First part.', 'Second part.']", "final_decision": "maybe"}
     root = make_data_dir(tmp_path, {"pubmedqa_test": [json.dumps(row)]})

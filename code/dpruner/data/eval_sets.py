@@ -94,6 +94,15 @@ def _numbered_rows(path: Path, required: Sequence[str], limit: int | None) -> li
     return read_jsonl_numbered(path, required=required, limit=limit)
 
 
+def _spread_rows(path: Path, required: Sequence[str], limit: int | None) -> list[tuple[str, dict[str, Any]]]:
+    """`limit` rows evenly spaced over the whole file, for label-sorted files (the PQA-L test file lists
+    its 276 'yes', then 169 'no', then 55 'maybe'): the first N rows would all be one label."""
+    rows = read_jsonl_numbered(path, required=required)
+    if limit is None or limit >= len(rows):
+        return rows
+    return [rows[i * len(rows) // limit] for i in range(limit)]
+
+
 def _text(row: dict[str, Any], key: str, where: str) -> str:
     value = row[key]
     if not isinstance(value, str) or not value.strip():
@@ -124,7 +133,7 @@ def casehold(data_dir: str | None = None, limit: int | None = CASEHOLD_TEST_ROWS
 def pubmedqa(data_dir: str | None = None, limit: int | None = PUBMEDQA_TEST_ROWS) -> EvalSet:
     path = data_file("pubmedqa_test", data_dir)
     items = []
-    for where, row in _numbered_rows(path, ("QUESTION", "CONTEXTS", "final_decision"), limit):
+    for where, row in _spread_rows(path, ("QUESTION", "CONTEXTS", "final_decision"), limit):
         context = PUBMEDQA_CONTEXT.format(contexts=" ".join(as_list(row["CONTEXTS"], f"{where}: CONTEXTS")),
                                           question=_text(row, "QUESTION", where))
         items.append(ChoiceExample(str(row.get("id", where)), context, PUBMEDQA_LABELS,
@@ -140,7 +149,7 @@ def mednli(file: str | None, limit: int | None = None) -> EvalSet:
     if not path.is_file():
         raise DPrunerError(f"MedNLI file {path} not found; {MEDNLI_HELP}")
     items = []
-    for where, row in _numbered_rows(path, ("sentence1", "sentence2", "gold_label"), limit):
+    for where, row in _spread_rows(path, ("sentence1", "sentence2", "gold_label"), limit):
         context = MEDNLI_CONTEXT.format(premise=_text(row, "sentence1", where),
                                         hypothesis=_text(row, "sentence2", where))
         items.append(ChoiceExample(str(row.get("pairID", where)), context, MEDNLI_LABELS,

@@ -9,12 +9,13 @@ to a plain LOMO step. It also prints the training's own memory, the peak minus t
 before the model is loaded (interpreter, libraries, tokenizer, batch), which is what
 `torch.cuda.max_memory_allocated` would count on a GPU. Every child runs with glibc's mmap threshold
 fixed (MALLOC_MMAP_THRESHOLD_), so freed tensors go back to the system and resident memory follows
-the memory in use instead of the allocator's high-water fragmentation; `--default-malloc` turns it off. All three compute the same loss the same way: the trainer's chunked LM-head loss
+the memory in use instead of the allocator's high-water fragmentation; `--default-malloc` turns it
+off. All three compute the same loss the same way: the trainer's chunked LM-head loss
 (`--loss-chunk-tokens`, default the config's; 0 = the model's own loss over full-batch logits).
 Targets: LOMO <= 0.5x AdamW memory, D-Pruner trainer <= 0.7x, importance overhead <= 15 %.
 
   python bench/lomo_memory.py [--model smollm2-135m] [--batch 4] [--seqlen 256] [--steps 4] [--repeats 2]
-                              [--loss-chunk-tokens 1024]
+                              [--loss-chunk-tokens 256] [--default-malloc]
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ Methods (all layer by layer with sequential propagation, the 7 projections of ev
   sparsegpt   OBS pruning with error compensation (Frantar & Alistarh, 2023)
   mixcal      SparseGPT with H = alpha*H_general + (1-alpha)*H_domain (cross-calibration, arXiv 2502.18424)
   dpruner     D-Pruner's precomputed scores (--scores: stage-2 output or any score folder); data-free
+  dpruner-obs D-Pruner's dual-importance selection + SparseGPT's OBS compensation on the mixcal Hessian
+              (ours; --scores, --selection mask|saliency, --alpha; needs --calibration mix --domain D)
   llm-pruner  structured: whole attention heads / MLP channels by first-order Taylor group importance
               (--sparsity = fraction of parameters removed)
 
@@ -30,6 +32,7 @@ from dpruner.errors import DPrunerError
 from dpruner.export import REPORT_NAME, check_output_dir
 from dpruner.masks import parse_pattern
 from dpruner.methods import get_method, method_names
+from dpruner.methods.dpruner_obs import SELECTIONS
 from dpruner.methods.magnitude import SCOPES
 from dpruner.methods.mixcal import DEFAULT_ALPHA
 from dpruner.models import EMBEDDED_MODEL, load_tokenizer
@@ -42,7 +45,9 @@ STRUCTURED = "llm-pruner"
 # The 50% unstructured setting of the SparseGPT and Wanda papers (and the ratio N:M patterns require there).
 DEFAULT_SPARSITY = 0.5
 # Options that only some methods read; giving them to another method is a mistake, not a no-op.
-METHOD_OPTIONS = {"alpha": ("mixcal",), "scores": ("dpruner",), "scope": ("magnitude", "wanda", "dpruner")}
+OBS_METHODS = ("sparsegpt", "mixcal", "dpruner-obs")
+METHOD_OPTIONS = {"alpha": ("mixcal", "dpruner-obs"), "scores": ("dpruner", "dpruner-obs"),
+                  "scope": ("magnitude", "wanda", "dpruner"), "selection": ("dpruner-obs",)}
 SPARSITY_TOLERANCE = 1e-9
 
 
@@ -71,6 +76,9 @@ def build_parser():
     parser.add_argument("--alpha", type=float, default=None,
                         help=f"mixcal: weight of the C4 Hessian, in [0, 1]; unset: {DEFAULT_ALPHA} "
                              "(ours: an even blend)")
+    parser.add_argument("--selection", choices=SELECTIONS, default=None,
+                        help="dpruner-obs: mask = fixed dual-importance mask per matrix, then OBS compensation; "
+                             "saliency = dual importance ranks inside SparseGPT's sweep (default: mask)")
     parser.add_argument("--scores", default=None, metavar="DIR",
                         help="dpruner: score folder (stage-2 dual importance, or any --save-scores folder)")
     parser.add_argument("--blocksize", type=int, default=DEFAULT_BLOCKSIZE,
@@ -96,14 +104,14 @@ def check_arguments(args: Namespace) -> None:
     if n_m and abs(args.sparsity - n_m[0] / n_m[1]) > SPARSITY_TOLERANCE:
         raise DPrunerError(f"--sparsity {args.sparsity} conflicts with --pattern {args.pattern}, which prunes exactly "
                            f"{n_m[0] / n_m[1]:g}; pass --sparsity {n_m[0] / n_m[1]:g}")
-    if n_m and args.method in ("sparsegpt", "mixcal") and args.blocksize % n_m[1]:
+    if n_m and args.method in OBS_METHODS and args.blocksize % n_m[1]:
         raise DPrunerError(f"--blocksize {args.blocksize} must be a multiple of M={n_m[1]} "
                            f"for --pattern {args.pattern}")
     for option, methods in METHOD_OPTIONS.items():
         if getattr(args, option) is not None and args.method not in methods:
             raise DPrunerError(f"--{option} applies to {', '.join(methods)}, not {args.method}")
-    if args.method == "dpruner" and args.scores is None:
-        raise DPrunerError("method dpruner needs --scores DIR (stage-2 output or another score folder)")
+    if args.method in METHOD_OPTIONS["scores"] and args.scores is None:
+        raise DPrunerError(f"method {args.method} needs --scores DIR (stage-2 output or another score folder)")
     if args.method == STRUCTURED:
         if n_m:
             raise DPrunerError(f"{STRUCTURED} removes whole heads and channels; --pattern must be unstructured")
@@ -137,10 +145,13 @@ def run_structured(args: Namespace, out: Path) -> dict:
 
 def method_options(args: Namespace) -> dict:
     """Constructor options of the chosen layer method, from the command line."""
-    if args.method in ("sparsegpt", "mixcal"):
+    if args.method in OBS_METHODS:
         options = {"pattern": args.pattern, "blocksize": args.blocksize, "percdamp": args.percdamp}
-        if args.method == "mixcal" and args.alpha is not None:
-            options["alpha"] = args.alpha
+        for option in ("alpha", "selection"):
+            if getattr(args, option) is not None:
+                options[option] = getattr(args, option)
+        if args.method == "dpruner-obs":
+            options["scores"] = cli.resolve_out(args.scores)
         return options
     options = {"pattern": args.pattern, "scope": args.scope, "blocks": args.blocks}
     if args.method == "dpruner":
@@ -159,7 +170,7 @@ def main(argv=None) -> int:
         return 0
 
     method = get_method(args.method, sparsity=args.sparsity, **method_options(args))
-    if args.method == "dpruner":
+    if args.method in METHOD_OPTIONS["scores"]:
         check_layer_count(method.score_set, check_model_structure(args.model))
     calibration = calibration_spec(args) if method.statistic is not None else None
     result = prune_with_method(args.model, method, calibration, scores_out=cli.resolve_out(args.save_scores),

@@ -135,15 +135,15 @@ def test_wanda_layer_l_plus_1_is_calibrated_on_pruned_layer_l():
 # --- N:M for every method ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("pattern", ["2:4", "4:8"])
-@pytest.mark.parametrize("name", ["magnitude", "wanda", "sparsegpt", "mixcal", "dpruner"])
+@pytest.mark.parametrize("name", ["magnitude", "wanda", "sparsegpt", "mixcal", "dpruner", "dpruner-obs"])
 def test_n_m_prunes_exactly_n_of_every_m_inputs(name, pattern, tmp_path):
     model = make_tiny_llama(num_hidden_layers=2)
     n, m = (int(x) for x in pattern.split(":"))
     options: dict = {"pattern": pattern}
     calibration = {"c4": token_ids(4, 16, seed=0)}
-    if name == "mixcal":
+    if name in ("mixcal", "dpruner-obs"):
         calibration = {"general": token_ids(4, 16, seed=0), "domain": token_ids(4, 16, seed=1)}
-    if name == "dpruner":
+    if name in ("dpruner", "dpruner-obs"):
         options["scores"] = random_score_folder(tmp_path / "scores", model)
     method = get_method(name, sparsity=n / m, **options)
     prune_layerwise(model, method, calibration if method.statistic else None, progress=False)
@@ -159,6 +159,24 @@ def test_dpruner_method_equals_stage3_on_the_same_scores(tmp_path):
     prune_layerwise(model, get_method("dpruner", sparsity=0.52, scores=folder), None, progress=False)
     apply_scores(reference, ScoreSet.open(folder), 0.52)
     assert all(torch.equal(a, b) for a, b in zip(projections(model).values(), projections(reference).values()))
+
+
+@pytest.mark.parametrize("selection", ["mask", "saliency"])
+def test_dpruner_obs_keeps_the_dual_selection_and_compensates(selection, tmp_path):
+    """selection=mask prunes exactly stage 3's weights; both forms update the kept weights (OBS)."""
+    model = make_tiny_llama(num_hidden_layers=2)
+    original, stage3 = projections(model), copy.deepcopy(model)
+    folder = random_score_folder(tmp_path / "scores", model, seed=5)
+    sets = {"general": token_ids(4, 24, seed=0), "domain": token_ids(4, 24, seed=1)}
+    prune_layerwise(model, get_method("dpruner-obs", sparsity=0.5, scores=folder, selection=selection), sets,
+                    batch_size=4, progress=False)
+    apply_scores(stage3, ScoreSet.open(folder), 0.5)
+    for key, weight in projections(model).items():
+        kept = weight != 0
+        assert int((~kept).sum()) == weight.numel() // 2, key
+        if selection == "mask":
+            assert torch.equal(kept, projections(stage3)[key] != 0), key
+        assert not torch.equal(weight[kept], original[key][kept]), key
 
 
 # --- MixCal -----------------------------------------------------------------------------------------------
@@ -282,7 +300,7 @@ BAD_INPUTS = {
     "sparsity_negative": (["magnitude", "--sparsity", "-0.1"], "--sparsity must be in [0, 1)"),
     "alpha_high": (["mixcal", *MIX_LEGAL, "--alpha", "1.5"], "--alpha must be in [0, 1]"),
     "alpha_negative": (["mixcal", *MIX_LEGAL, "--alpha", "-0.2"], "--alpha must be in [0, 1]"),
-    "alpha_wrong_method": (["wanda", "--alpha", "0.3"], "--alpha applies to mixcal, not wanda"),
+    "alpha_wrong_method": (["wanda", "--alpha", "0.3"], "--alpha applies to mixcal, dpruner-obs, not wanda"),
     "n_m_sparsity_mismatch": (["sparsegpt", "--pattern", "2:4", "--sparsity", "0.6"],
                               "--sparsity 0.6 conflicts with --pattern 2:4, which prunes exactly 0.5"),
     "n_m_not_dividing": (["wanda", "--pattern", "3:5", "--sparsity", "0.6"], "has 64 inputs, not a multiple of M=5"),

@@ -15,9 +15,11 @@ def correlated_inputs(n: int, cols: int, seed: int) -> torch.Tensor:
     return torch.randn(n, cols, generator=gen, dtype=torch.float64) @ mix
 
 
-def brute_force_obs(W: torch.Tensor, H: torch.Tensor, sparsity: float, blocksize: int, percdamp: float):
+def brute_force_obs(W: torch.Tensor, H: torch.Tensor, sparsity: float, blocksize: int, percdamp: float,
+                    given_mask: torch.Tensor | None = None, ranking: torch.Tensor | None = None):
     """Textbook OBS, one column at a time: the inverse Hessian of the columns still present is
-    inverted directly; saliency w^2/[H_F^-1]_jj at each block start picks the block's mask."""
+    inverted directly; saliency w^2/[H_F^-1]_jj at each block start picks the block's mask (or
+    `ranking` does, or `given_mask` is used as it is)."""
     W = W.double().clone()
     H = H.double().clone()
     dead = torch.diag(H) == 0
@@ -31,8 +33,11 @@ def brute_force_obs(W: torch.Tensor, H: torch.Tensor, sparsity: float, blocksize
         b1 = min(b0 + blocksize, cols)
         inv_diag = torch.tensor([torch.linalg.inv(H[j:, j:])[0, 0] for j in range(b0, b1)], dtype=torch.float64)
         saliency[:, b0:b1] = W[:, b0:b1] ** 2 / inv_diag
-        block = saliency[:, b0:b1].reshape(1, -1)
-        mask[:, b0:b1] = lowest_k(block, int(block.numel() * sparsity)).reshape(rows, b1 - b0)
+        if given_mask is not None:
+            mask[:, b0:b1] = given_mask[:, b0:b1]
+        else:
+            block = (saliency if ranking is None else ranking.double())[:, b0:b1].reshape(1, -1)
+            mask[:, b0:b1] = lowest_k(block, int(block.numel() * sparsity)).reshape(rows, b1 - b0)
         for j in range(b0, b1):
             Hinv = torch.linalg.inv(H[j:, j:])
             pruned = mask[:, j]
@@ -96,3 +101,45 @@ def test_dead_input_columns_are_zeroed_without_nan():
     result = obs_prune(W, ((2 / 30) * X.T @ X).float(), 0.5, blocksize=8)
     assert torch.all(result.weight[:, 3] == 0)
     assert torch.isfinite(result.saliency).all() and torch.isfinite(result.weight).all()
+
+
+def _problem(rows: int, cols: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=gen)
+    X = correlated_inputs(64, cols, seed=seed + 1)
+    return W, (2 / 64) * X.T @ X, gen, X.float()
+
+
+@pytest.mark.parametrize("rows,cols,blocksize", [(6, 16, 8), (5, 12, 5)])
+def test_fixed_mask_compensation_matches_brute_force(rows, cols, blocksize):
+    """D-Pruner-OBS's first form: a mask chosen elsewhere is kept exactly, only the updates run."""
+    W, H, gen, X = _problem(rows, cols, seed=rows + cols)
+    given = torch.rand(rows, cols, generator=gen) < 0.5
+    result = obs_prune(W, H.float(), 0.5, blocksize=blocksize, percdamp=0.01, fixed_mask=given)
+    ref_W, _, ref_mask = brute_force_obs(W, H, 0.5, blocksize, 0.01, given_mask=given)
+    assert torch.equal(result.mask, given) and torch.equal(ref_mask, given)
+    torch.testing.assert_close(result.weight.double(), ref_W, rtol=2e-4, atol=2e-5)
+    # Compensation helps: on the calibration inputs the error is below plain masking with the same mask.
+    masked = W.masked_fill(given, 0)
+    assert torch.linalg.norm(X @ (W - result.weight).T) < torch.linalg.norm(X @ (W - masked).T)
+
+
+def test_external_ranking_inside_the_sweep_matches_brute_force():
+    """D-Pruner-OBS's second form: another score ranks each block, the OBS sweep is otherwise SparseGPT's."""
+    W, H, gen, _ = _problem(6, 16, seed=11)
+    ranking = torch.rand(6, 16, generator=gen)
+    result = obs_prune(W, H.float(), 0.5, blocksize=8, percdamp=0.01, selection_scores=ranking)
+    ref_W, ref_saliency, ref_mask = brute_force_obs(W, H, 0.5, 8, 0.01, ranking=ranking)
+    assert torch.equal(result.mask, ref_mask)
+    torch.testing.assert_close(result.weight.double(), ref_W, rtol=2e-4, atol=2e-5)
+    torch.testing.assert_close(result.saliency.double(), ref_saliency, rtol=2e-4, atol=1e-6)
+    for b0 in (0, 8):
+        assert int(result.mask[:, b0:b0 + 8].sum()) == 24
+
+
+def test_obs_refuses_two_selections_and_wrong_shapes():
+    W, H, _, _ = _problem(4, 8, seed=3)
+    with pytest.raises(ValueError, match="not both"):
+        obs_prune(W, H.float(), 0.5, fixed_mask=W > 0, selection_scores=W.abs())
+    with pytest.raises(ValueError, match="shape"):
+        obs_prune(W, H.float(), 0.5, fixed_mask=torch.zeros(3, 8, dtype=torch.bool))

@@ -5,6 +5,10 @@ block start the saliency w^2 / U_jj^2 (U the upper Cholesky factor of H^-1, so U
 Hessian diagonal of the columns still present) picks the weights to prune; each pruned weight's error
 is pushed onto the remaining columns (OBS update), lazily for later blocks. Stage 1 of D-Pruner stores
 the saliency as the general importance; the SparseGPT baseline and MixCal keep the pruned weights.
+
+Two hooks serve D-Pruner-OBS: `fixed_mask` keeps a mask chosen elsewhere (the dual-importance mask) and
+only runs the compensation; `selection_scores` replaces w^2/U_jj^2 as the ranking inside each block of
+the sweep (the rest of the sweep, including the saliency that is returned, is unchanged).
 """
 
 from __future__ import annotations
@@ -43,10 +47,20 @@ def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor, percdamp
 
 def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, *,
               blocksize: int = DEFAULT_BLOCKSIZE, percdamp: float = DEFAULT_PERCDAMP,
-              n_m: tuple[int, int] | None = None) -> ObsResult:
-    """Prune `sparsity` of every rows x block (or N of every M columns per row) with OBS updates."""
+              n_m: tuple[int, int] | None = None, fixed_mask: torch.Tensor | None = None,
+              selection_scores: torch.Tensor | None = None) -> ObsResult:
+    """Prune `sparsity` of every rows x block (or N of every M columns per row) with OBS updates.
+
+    `fixed_mask` (bool, True = pruned) overrides the selection entirely; `selection_scores` (weight
+    shape, lower = pruned first) ranks within each block or N:M group instead of the OBS saliency.
+    """
     W = weight.detach().float().clone()
     rows, cols = W.shape
+    for name, given in (("fixed_mask", fixed_mask), ("selection_scores", selection_scores)):
+        if given is not None and tuple(given.shape) != (rows, cols):
+            raise ValueError(f"{name} has shape {list(given.shape)}, the weight is {[rows, cols]}")
+    if fixed_mask is not None and selection_scores is not None:
+        raise ValueError("give fixed_mask or selection_scores, not both")
     U = inverse_hessian_factor(hessian, W, percdamp)
     saliency = torch.empty_like(W)
     mask = torch.zeros_like(W, dtype=torch.bool)
@@ -60,8 +74,11 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, *,
         diag = torch.diag(U1)
         block_saliency = W1 ** 2 / diag ** 2
         saliency[:, i1:i2] = block_saliency
-        if n_m is None:
-            flat = block_saliency.reshape(1, -1)
+        ranking = block_saliency if selection_scores is None else selection_scores[:, i1:i2].float()
+        if fixed_mask is not None:
+            block_mask = fixed_mask[:, i1:i2].to(device=W.device, dtype=torch.bool)
+        elif n_m is None:
+            flat = ranking.reshape(1, -1)
             block_mask = lowest_k(flat, int(flat.numel() * sparsity)).reshape(W1.shape)
         else:
             block_mask = torch.zeros_like(W1, dtype=torch.bool)
@@ -69,8 +86,9 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, *,
         Err1 = torch.zeros_like(W1)
         losses = torch.zeros(i2 - i1, device=W.device)
         for i in range(i2 - i1):
-            if n_m is not None and i % n_m[1] == 0:
-                group = W1[:, i:i + n_m[1]] ** 2 / diag[i:i + n_m[1]] ** 2
+            if fixed_mask is None and n_m is not None and i % n_m[1] == 0:
+                group = (W1[:, i:i + n_m[1]] ** 2 / diag[i:i + n_m[1]] ** 2 if selection_scores is None
+                         else ranking[:, i:i + n_m[1]])
                 block_mask[:, i:i + n_m[1]] = lowest_k(group, n_m[0])
             w = W1[:, i]
             q = torch.where(block_mask[:, i], torch.zeros_like(w), w)

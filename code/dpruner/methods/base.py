@@ -65,7 +65,7 @@ class PruningMethod(ABC):
 
 _REGISTRY: dict[str, type[PruningMethod]] = {}
 # Modules that register a method when imported; one line per method module.
-_METHOD_MODULES = ("sparsegpt", "magnitude", "wanda", "mixcal", "dpruner")
+_METHOD_MODULES = ("sparsegpt", "magnitude", "wanda", "mixcal", "dpruner", "dpruner_obs")
 
 
 def register(cls: type[PruningMethod]) -> type[PruningMethod]:

@@ -1,0 +1,62 @@
+"""D-Pruner-OBS (ours, beyond the paper): D-Pruner's dual-importance choice of weights, then SparseGPT's
+layer-wise OBS compensation on a Hessian of general (C4) plus domain calibration text.
+
+Why: D-Pruner masks the original weights without any update, and most of its general-perplexity loss
+against SparseGPT comes from that (the general-importance-only mask is far behind SparseGPT, which
+ranks by the same saliency but compensates). Two ways to combine them:
+  selection="mask"      the dual-importance mask (one threshold per matrix, as stage 3) is fixed, and
+                        the OBS sweep only pushes each pruned weight's error onto the kept columns;
+  selection="saliency"  the dual importance replaces w^2/[H^-1]_jj as the ranking inside each column
+                        block of SparseGPT's sweep (the sweep's compensated weights are what is ranked
+                        against, block by block, as in SparseGPT).
+The Hessian is MixCal's blend H = alpha H_general + (1 - alpha) H_domain (each set normalised by its own
+window count), so alpha = 1 compensates on C4 only.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from dpruner.errors import DPrunerError
+from dpruner.masks import select
+from dpruner.methods.base import LayerOutcome, LayerStats, register
+from dpruner.methods.dpruner import DPrunerScores
+from dpruner.methods.mixcal import MixCal
+from dpruner.obs import obs_prune
+
+SELECTIONS = ("mask", "saliency")
+
+
+@register
+class DPrunerOBS(MixCal):
+    name = "dpruner-obs"
+
+    def __init__(self, sparsity: float, scores: str | os.PathLike, selection: str = "mask", **options) -> None:
+        if selection not in SELECTIONS:
+            raise DPrunerError(f"--selection {selection!r} is not one of {', '.join(SELECTIONS)}")
+        super().__init__(sparsity, **options)
+        self.selection = selection
+        self.dual = DPrunerScores(sparsity, scores, pattern=self.pattern)
+
+    @property
+    def score_set(self):
+        return self.dual.score_set
+
+    def settings(self) -> dict:
+        return super().settings() | {"selection": self.selection, "scores": str(self.score_set.folder),
+                                     "scores_kind": self.score_set.manifest.get("kind")}
+
+    def prune(self, layer: int, module_name: str, weight: torch.Tensor,
+              stats: dict[str, LayerStats] | None) -> LayerOutcome:
+        importance = self.dual.scores(layer, module_name, weight, None).float()
+        hessian = self.hessian(stats)
+        if self.selection == "mask":
+            mask = select(importance, self.sparsity, scope="matrix", pattern=self.pattern)
+            result = obs_prune(weight, hessian, self.sparsity, blocksize=self.blocksize, percdamp=self.percdamp,
+                               fixed_mask=mask)
+        else:
+            result = obs_prune(weight, hessian, self.sparsity, blocksize=self.blocksize, percdamp=self.percdamp,
+                               n_m=self.n_m, selection_scores=importance)
+        return LayerOutcome(scores=importance, weight=result.weight, mask=result.mask, loss=result.loss)

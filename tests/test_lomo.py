@@ -125,9 +125,10 @@ def random_general(model, scale: float, seed: int = 3) -> dict[str, torch.Tensor
     return {n: torch.rand(p.shape, generator=gen) * scale for n, p in model.named_parameters() if projection_target(n)}
 
 
-def reference_run(model, general, settings: ImportanceSettings, clip: float, loss_scale: float = 1.0):
-    """Brute force: autograd gradients of the plain loss, the per-weight formulas applied outside any
-    hook, plain SGD. Returns the accumulated importance per projection."""
+def reference_run(model, general, settings: ImportanceSettings, clip: float, loss_scale: float = 1.0,
+                  anchors: dict[str, torch.Tensor] | None = None):
+    """Brute force: autograd gradients of the loss (plus lambda sum G (W - W0)^2 for the anchor form),
+    the per-weight formulas applied outside any hook, plain SGD. Returns the accumulated importance."""
     model.train()
     importance = {n: torch.zeros_like(g) for n, g in general.items()}
     lam = settings.regularizer_lambda
@@ -135,14 +136,17 @@ def reference_run(model, general, settings: ImportanceSettings, clip: float, los
     for step, batch in enumerate(batches(), start=1):
         lr = schedule(step)
         model.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
         params = dict(model.named_parameters())
+        loss = model(**batch).loss
+        if anchors is not None:
+            loss = loss + lam * sum((general[n] * (params[n] - anchors[n]) ** 2).sum() for n in general)
+        loss.backward()
         grads = {n: p.grad.detach().clone() for n, p in params.items()}
 
         def refined(eta: float) -> dict[str, torch.Tensor]:
             out = {}
             for name, g in grads.items():
-                if name in general and settings.regularizer == "paper":
+                if name in general and settings.regularizer == "squared_grad":
                     g = g + 2 * lam * eta ** 2 * general[name] * g ** 2
                 elif name in general and settings.regularizer == "upstream":
                     g = g + 2 * lam * eta ** 2 * general[name] * (loss_scale * g) ** 2 / (1000 * loss_scale)
@@ -171,8 +175,9 @@ def reference_run(model, general, settings: ImportanceSettings, clip: float, los
 
 
 FORMS = {
-    "paper": ImportanceSettings("paper", 0.1, "paper", "every_step"),
+    "squared_grad": ImportanceSettings("squared_grad", 0.1, "paper", "every_step"),
     "upstream": ImportanceSettings("upstream", 0.1, "upstream", "upstream"),
+    "anchor": ImportanceSettings("anchor", 0.1, "paper", "every_step", anchor_step="explicit"),
 }
 
 
@@ -182,15 +187,16 @@ def test_dual_importance_matches_brute_force(form):
     loss_scale = 65536.0 if form == "upstream" else 1.0
     model = make_tiny_llama(seed=4)
     reference_model = copy.deepcopy(model)
-    general = random_general(model, scale=2e4)
+    general = random_general(model, scale=1.0 if form == "anchor" else 2e4)
     named = dict(model.named_parameters())
-    callback = DualImportance(settings, named, general)
+    anchors = {n: named[n].detach().clone() for n in general} if form == "anchor" else None
+    callback = DualImportance(settings, named, general, anchors)
     lomo = Lomo(named.items(), lr=PEAK_LR, clip_grad_norm=1.0, emulated_loss_scale=loss_scale, grad_callback=callback)
     model.train()
     for step, batch in enumerate(batches(), start=1):
         lomo.norm_pass(model(**batch).loss, schedule(step))
         lomo.update_pass(model(**batch).loss, schedule(step))
-    expected = reference_run(reference_model, general, settings, clip=1.0, loss_scale=loss_scale)
+    expected = reference_run(reference_model, general, settings, clip=1.0, loss_scale=loss_scale, anchors=anchors)
     assert sorted(callback.steps_accumulated) == (list(range(2, STEPS + 1)) if form == "upstream" else list(range(1, STEPS + 1)))
     for name, value in expected.items():
         torch.testing.assert_close(callback.scores[name], value, rtol=1e-4, atol=1e-10, msg=name)
@@ -204,7 +210,7 @@ def test_regularizer_changes_the_run_and_lambda_zero_is_plain_lomo():
     general = random_general(base, scale=2e4)
     for model, lam in ((zero, 0.0), (regularized, 0.1)):
         named = dict(model.named_parameters())
-        run_lomo(model, 1.0, callback=DualImportance(ImportanceSettings("paper", lam), named, general))
+        run_lomo(model, 1.0, callback=DualImportance(ImportanceSettings("squared_grad", lam), named, general))
     assert_same_weights(zero, plain, atol=0)
     differs = max((p - q).abs().max().item() for p, q in zip(regularized.parameters(), plain.parameters()))
     assert differs > 1e-6

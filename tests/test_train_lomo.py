@@ -148,3 +148,26 @@ def test_deepspeed_shm_switch_still_exists():
     import deepspeed.ops
 
     assert "deepspeed_shm_comm" in deepspeed.ops.__compatible_ops__
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["grad_penalty", "squared_grad", "none"])
+def test_every_regularizer_form_runs_end_to_end(form, stage2_inputs, tmp_path):
+    """Each form trains with gradient checkpointing (grad_penalty's double backward included) and
+    writes finite importance; anchor, the default, runs in the DeepSpeed tests above."""
+    _, model, general = stage2_inputs
+    out = tmp_path / form
+    result = run_cli("src/train_lomo.py", "config/args_lomo.yaml",
+                     *overrides(model, general, out, regularizer=form, max_steps=2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    layers = load_score_layers(out / "importance")
+    assert all(torch.isfinite(t).all() and t.abs().sum() > 0 for layer in layers for t in layer.values())
+
+
+def test_grad_penalty_refuses_zero3_before_loading(stage2_inputs, tmp_path):
+    _, model, general = stage2_inputs
+    result = run_cli("src/train_lomo.py", "config/args_lomo.yaml",
+                     *overrides(model, general, tmp_path / "out", regularizer="grad_penalty",
+                                deepspeed="config/ds_config_cpu.json"))
+    assert "grad_penalty does not run under ZeRO-3" in error_line(result)
+    assert not (tmp_path / "out").exists()

@@ -17,6 +17,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from dpruner.errors import DPrunerError
+from dpruner.importance import ANCHOR_STEPS, GENERAL_NORMS, REGULARIZERS, RENAMED_REGULARIZERS
 from dpruner.paths import REPO_ROOT
 
 # Keys of the original config that configure nothing here (HF Trainer leftovers, LOMO leftovers,
@@ -36,7 +37,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "domain": DOMAINS,
     "lr_scheduler_type": ("linear", "constant"),
     "save_strategy": ("epoch", "no"),
-    "regularizer": ("paper", "upstream", "anchor", "none"),
+    "regularizer": REGULARIZERS,
+    "general_importance_norm": GENERAL_NORMS,
+    "anchor_step": ANCHOR_STEPS,
     "importance_formula": ("paper", "upstream"),
     "importance_accumulate": ("every_step", "upstream"),
     "general_importance_dtype": ("bfloat16", "float32"),
@@ -81,8 +84,13 @@ class TrainConfig:
     hqs_examples: int | None = 200  # medical: first 200 HQS rows
     max_steps: int | None = None  # stop after this many optimizer steps (quick runs, benchmarks)
     # --- D-Pruner (names ours; values from the paper / original code) ---
-    regularizer: str = "paper"  # paper: +2*lambda*eta^2*G*g^2 | upstream | anchor: +2*lambda*G*(W-W0) | none
+    # anchor: exact gradient of lambda*sum G(W-W0)^2 | grad_penalty: exact gradient of lambda*eta^2*sum G g^2
+    # (Hessian-vector product) | squared_grad: +2*lambda*eta^2*G*g^2 (not a gradient; formerly "paper")
+    # | upstream: the original's code | none. See dpruner.importance and docs/DEVIATIONS.md.
+    regularizer: str = "anchor"
     regularizer_lambda: float = 0.1  # lambda, hard-coded 0.1 in the original lomo.py
+    general_importance_norm: str = "auto"  # ours: matrix_mean (G / mean per matrix: scale-free lambda) | none; auto = none for upstream
+    anchor_step: str = "proximal"  # ours: proximal (implicit step, stable for any G) | explicit (plain SGD on the term)
     importance_formula: str = "paper"  # paper: |g*w + (g*w)^2/2| | upstream: |g*w + (g*w)^2/2000 + w^3|
     importance_accumulate: str = "every_step"  # every_step | upstream: norm pass only, from step 2
     loss_scale: float | None = None  # upstream emulation: constant S multiplying g in the formulas (2^16 in fp16)
@@ -98,6 +106,10 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         where = self.config_path or "config"
+        if self.regularizer in RENAMED_REGULARIZERS:
+            raise DPrunerError(f"{where}: regularizer={self.regularizer!r} was renamed "
+                               f"{RENAMED_REGULARIZERS[self.regularizer]!r} (it is not the gradient of the paper's "
+                               "penalty; docs/DEVIATIONS.md); the exact forms are 'anchor' and 'grad_penalty'")
         for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise DPrunerError(f"{where}: {key}={getattr(self, key)!r}; expected one of {', '.join(allowed)}")
@@ -124,6 +136,12 @@ class TrainConfig:
         if self.importance_accumulate == "upstream" and not self.clip_grad_norm:
             raise DPrunerError(f"{where}: importance_accumulate=upstream needs clip_grad_norm "
                                "(the original accumulates in the norm pass of two-pass clipping)")
+        if self.regularizer == "grad_penalty" and self.dtype == "float16":
+            raise DPrunerError(f"{where}: regularizer=grad_penalty needs dtype float32 or bfloat16 "
+                               "(its double backward is not loss-scaled)")
+        if self.regularizer == "upstream" and self.general_importance_norm == "matrix_mean":
+            raise DPrunerError(f"{where}: regularizer=upstream reproduces the original, which uses raw G; "
+                               "set general_importance_norm: none (or auto)")
         if self.regularizer != "none" and not self.general_importance_dir:
             raise DPrunerError(f"{where}: general_importance_dir is empty; set it to the stage-1 output "
                                "(or regularizer: none)")

@@ -1,25 +1,40 @@
 """D-Pruner's dual importance: the general-importance regularizer and the per-weight score.
 
-Called from the LOMO hook for every parameter; acts on the 7 projections of every decoder layer.
+Called from the LOMO hook for every parameter; acts on the 7 projections of every decoder layer. The
+paper's loss is L = L_NTP + lambda * sum G (W' - W)^2. What "W' - W" means decides the gradient, so the
+forms below are kept apart (docs/DEVIATIONS.md explains each):
 
-Paper form (default). Loss L = L_NTP + lambda * sum G (W' - W)^2 with the one-step W' - W = -eta g;
-its gradient is approximated, as in the method, by 2 lambda eta^2 G g^2 and added to g inside the hook
-(no second backward). The refined g then scores each weight, every step, with the second-order
-Taylor term using the empirical Fisher g^2 as the Hessian diagonal: I += |g w + (g w)^2 / 2|.
+anchor (default). W' the weights being trained, W = W0 the pretrained ones: the exact gradient is
+2 lambda G (W - W0). W0 is held in the weights' own dtype, so the term is exactly 0 at step 1. With
+`anchor_step: proximal` the SGD step is the implicit one, W' = (W - eta g + 2 eta lambda G W0) /
+(1 + 2 eta lambda G): stable for any G (the explicit step overshoots where G > 1/(eta lambda)).
 
-Upstream form (to reproduce the original numbers). The added term is 2 lambda eta^2 G (S g)^2 / 1000
-on the loss-scaled gradient S g, and eta is the learning rate the original's optimizer held at that
-moment (the previous step's in the norm pass); the score is |S g w + (S g w)^2 / 2000 + w^3|, summed only
-in the norm pass of two-pass clipping and only from the second step on (the `is_update` flag timing).
+grad_penalty. W' - W = -eta g (one SGD step), so the penalty is lambda eta^2 sum G g^2; its exact
+gradient 2 lambda eta^2 H (G g) needs a Hessian-vector product. The trainer adds the penalty, built with
+its graph, to the loss (`gradient_penalty`); the hooks then receive the exact gradient. It keeps every
+projection gradient alive with its graph, so it does not have LOMO's memory profile.
 
-Anchor form (ours, optional). The exact gradient of lambda * sum G (W - W0)^2 against the pretrained
-weights W0: 2 lambda G (W - W0).
+squared_grad (the form this project called "paper" before). Adds 2 lambda eta^2 G g^2 to g. It is not
+the gradient of either reading above (it is >= 0 whatever the sign of g); kept to compare with.
+
+upstream (reproduces the original numbers). The added term is 2 lambda eta^2 G (S g)^2 / 1000 on the
+loss-scaled gradient S g, and eta is the learning rate the original's optimizer held at that moment
+(the previous step's in the norm pass); the score is |S g w + (S g w)^2 / 2000 + w^3|, summed only in the
+norm pass of two-pass clipping and only from the second step on (the `is_update` flag timing).
+
+The refined g then scores each weight (paper formula), with the empirical Fisher g^2 as the Hessian
+diagonal: I += |g w + (g w)^2 / 2|.
+
+G's raw scale depends on the calibration (H = 2/n_seq sum over tokens of x x^T grows with tokens per
+sequence), the layer and the model. `general_importance_norm: matrix_mean` divides each matrix's G by
+its mean, so lambda means the same at any seqlen, nsamples, layer or model; `upstream` keeps raw G.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -43,25 +58,52 @@ def full_shape(param: nn.Parameter) -> torch.Size:
     return param.ds_shape if hasattr(param, "ds_shape") else param.shape
 
 
+REGULARIZERS = ("anchor", "grad_penalty", "squared_grad", "upstream", "none")
+# Old names that now mean something else: refused with the new name rather than silently mapped.
+RENAMED_REGULARIZERS = {"paper": "squared_grad"}
+GENERAL_NORMS = ("auto", "matrix_mean", "none")
+ANCHOR_STEPS = ("proximal", "explicit")
+# grad_penalty differentiates the backward: torch's fused SDPA kernels have no double backward on CPU.
+DOUBLE_BACKWARD_ATTENTION = "eager"
+
+
 @dataclass
 class ImportanceSettings:
-    regularizer: str = "paper"  # paper | upstream | anchor | none
+    regularizer: str = "anchor"  # one of REGULARIZERS
     regularizer_lambda: float = 0.1
     formula: str = "paper"  # paper | upstream
     accumulate: str = "every_step"  # every_step | upstream
     upstream_regularizer_divisor: float = 1000.0
     upstream_importance_divisor: float = 2000.0
+    anchor_step: str = "proximal"  # proximal | explicit
 
     @classmethod
     def from_config(cls, config) -> ImportanceSettings:
         return cls(config.regularizer, config.regularizer_lambda, config.importance_formula,
                    config.importance_accumulate, config.upstream_regularizer_divisor,
-                   config.upstream_importance_divisor)
+                   config.upstream_importance_divisor, config.anchor_step)
+
+
+def resolve_general_norm(norm: str, regularizer: str) -> str:
+    """`auto`: raw G for `upstream` (the original's numbers), per-matrix mean 1 for every other form."""
+    if norm != "auto":
+        return norm
+    return "none" if regularizer == "upstream" else "matrix_mean"
+
+
+def normalize_general(G: torch.Tensor, norm: str) -> torch.Tensor:
+    """G scaled to mean 1 over its matrix (`matrix_mean`), in fp32; an all-zero G stays zero."""
+    if norm == "none":
+        return G
+    G = G.float()
+    mean = G.mean()
+    return G / mean if mean > 0 else G
 
 
 def load_general_importance(folder: str, named_params: dict[str, nn.Parameter], dtype: torch.dtype = torch.bfloat16,
-                            device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Stage-1 scores G keyed by parameter name, checked against the model (layers, shapes, finiteness)."""
+                            device: torch.device | str = "cpu", norm: str = "none") -> dict[str, torch.Tensor]:
+    """Stage-1 scores G keyed by parameter name, checked against the model (layers, shapes, finiteness),
+    normalised per matrix as `norm` says before the cast to `dtype`."""
     scores = ScoreSet.open(folder)
     targets = {name: projection_target(name) for name in named_params}
     layers = {t[0] for t in targets.values() if t}
@@ -83,8 +125,27 @@ def load_general_importance(folder: str, named_params: dict[str, nn.Parameter], 
                                    f"the model's weight is {list(expected)}")
             if not torch.isfinite(G).all():
                 raise DPrunerError(f"general importance {folder}: layer {index} {module} holds NaN or inf")
-            general[name] = G.to(dtype=dtype, device=device)
+            general[name] = normalize_general(G, norm).to(dtype=dtype, device=device)
     return general
+
+
+def pretrained_anchors(folder: str | Path, named_params: dict[str, nn.Parameter],
+                       device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """W0 for the anchor form: the checkpoint's projection weights cast to each parameter's own dtype,
+    exactly as from_pretrained casts them, so W - W0 is exactly 0 before the first update."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    anchors: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                if key in named_params and projection_target(key):
+                    anchors[key] = handle.get_tensor(key).to(dtype=named_params[key].dtype, device=device)
+    missing = [n for n in named_params if projection_target(n) and n not in anchors]
+    if missing:
+        raise DPrunerError(f"regularizer anchor: pretrained weights for {missing[0]} not found in {folder}")
+    return anchors
 
 
 class DualImportance:
@@ -95,6 +156,8 @@ class DualImportance:
                  device: torch.device | str = "cpu") -> None:
         self.settings = settings
         self.targets = {name: t for name in named_params if (t := projection_target(name))}
+        if settings.regularizer not in REGULARIZERS:
+            raise DPrunerError(f"regularizer {settings.regularizer!r}; expected one of {', '.join(REGULARIZERS)}")
         if settings.regularizer != "none" and not general:
             raise DPrunerError(f"regularizer {settings.regularizer!r} needs the general importance")
         if settings.regularizer == "anchor" and not anchors:
@@ -110,13 +173,24 @@ class DualImportance:
             return ctx.phase is Phase.NORM and ctx.previous_step_updated
         return ctx.phase is Phase.UPDATE
 
+    def gradient_penalty(self, loss: torch.Tensor, lr: float, named_params: dict[str, nn.Parameter]) -> torch.Tensor:
+        """lambda eta^2 sum G g^2 over the projections, with its graph (the `grad_penalty` form). Added to
+        the loss, one backward gives the hooks its exact gradient (a Hessian-vector product)."""
+        names = list(self.targets)
+        grads = torch.autograd.grad(loss, [named_params[n] for n in names], create_graph=True)
+        total = sum((self.general[n].to(g.dtype) * g.square()).sum() for n, g in zip(names, grads))
+        return self.settings.regularizer_lambda * lr ** 2 * total
+
     @torch.no_grad()
     def __call__(self, name: str, param: nn.Parameter, g: torch.Tensor, ctx: GradContext) -> torch.Tensor:
+        """Refine g in place (the exact gradient of the regularized loss, which is what is scored) and
+        return what SGD applies: g itself, or for the proximal anchor step g / (1 + 2 eta lambda G)."""
         if name not in self.targets:
             return g
         s = self.settings
         w = param.data if param.dtype == torch.float32 else param.data.float()
-        if s.regularizer == "paper":
+        step_grad = g
+        if s.regularizer == "squared_grad":
             g.addcmul_(self.general[name], g * g, value=2 * s.regularizer_lambda * ctx.lr ** 2)
         elif s.regularizer == "upstream":
             eta = ctx.stale_lr if ctx.phase is Phase.NORM else ctx.lr
@@ -124,6 +198,9 @@ class DualImportance:
             g.addcmul_(self.general[name], g * g, value=coef)
         elif s.regularizer == "anchor":
             g.addcmul_(self.general[name], w - self.anchors[name], value=2 * s.regularizer_lambda)
+            if s.anchor_step == "proximal":
+                step_grad = g / (1 + (2 * ctx.lr * s.regularizer_lambda) * self.general[name].float())
+        # grad_penalty: nothing to add here; the penalty is part of the loss (gradient_penalty).
         if self._should_accumulate(ctx):
             self.steps_accumulated.add(ctx.step)
             gw = g * w
@@ -135,7 +212,7 @@ class DualImportance:
                 term = gw * gw
                 term.mul_(0.5).add_(gw)
             self.scores[name].add_(term.abs_())
-        return g
+        return step_grad
 
     def layer_scores(self, num_layers: int) -> list[dict[str, torch.Tensor]]:
         """Accumulated scores grouped per decoder layer, keyed by module name."""

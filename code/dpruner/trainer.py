@@ -26,7 +26,8 @@ from dpruner.data.domain import domain_texts
 from dpruner.distributed import Runtime, init_runtime, shutdown
 from dpruner.errors import DPrunerError
 from dpruner.export import versions
-from dpruner.importance import DualImportance, ImportanceSettings, load_general_importance, projection_target
+from dpruner.importance import (DOUBLE_BACKWARD_ATTENTION, DualImportance, ImportanceSettings, load_general_importance, pretrained_anchors,
+                                resolve_general_norm)
 from dpruner.io import atomic_dir, load_score_layers, read_json, save_score_folder, write_json
 from dpruner.lomo import DynamicLossScaler, Lomo
 from dpruner.loss import causal_lm_loss, check_chunked_loss
@@ -89,6 +90,13 @@ class Stage2:
         self.dtype = resolve_dtype(config.dtype, runtime.device)
         if self.dtype == torch.float16 and runtime.device.type == "cpu":
             raise DPrunerError("dtype float16 is not supported on CPU (DeepSpeed rejects it); use float32 or bfloat16")
+        if config.regularizer == "grad_penalty" and self.dtype == torch.float16:
+            raise DPrunerError("regularizer grad_penalty needs dtype float32 or bfloat16 (its double backward "
+                               "is not loss-scaled); set dtype")
+        if (config.regularizer == "grad_penalty" and config.deepspeed
+                and self._ds_config()["zero_optimization"].get("stage", 0) == 3):
+            raise DPrunerError("regularizer grad_penalty does not run under ZeRO-3 (its double backward needs the "
+                               "whole gradients); use a DeepSpeed config without stage 3, or deepspeed=null")
         if self.dtype == torch.float16 and not config.clip_grad_norm:
             raise DPrunerError("fp16 training needs clip_grad_norm: overflow is detected in the norm pass (as LOMO)")
         self.state = self._initial_state()
@@ -146,6 +154,8 @@ class Stage2:
             keep_alive = HfDeepSpeedConfig(ds_config)  # makes from_pretrained build partitioned (zero.Init)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=self.dtype)
         model.config.use_cache = False
+        if self.config.regularizer == "grad_penalty":
+            model.set_attn_implementation(DOUBLE_BACKWARD_ATTENTION)
         if self.config.gradient_checkpointing:
             model.activation_checkpointing_enable()
         model.train()
@@ -223,12 +233,14 @@ class Stage2:
         source = (str(self._epoch_dir(resumed_from) / "checkpoint") if resumed_from
                   else resolve_model(config.model_name_or_path))
         self.model = self._load_model(source)
-        named = dict(self.model.named_parameters())
+        named = self.named = dict(self.model.named_parameters())
         general = None
         if config.regularizer != "none":
             gdtype = torch.bfloat16 if config.general_importance_dtype == "bfloat16" else torch.float32
-            general = load_general_importance(config.general_importance_dir, named, gdtype, rt.device)
-        anchors = self._anchors(named) if config.regularizer == "anchor" else None
+            general = load_general_importance(config.general_importance_dir, named, gdtype, rt.device,
+                                              resolve_general_norm(config.general_importance_norm, config.regularizer))
+        anchors = (pretrained_anchors(resolve_model(config.model_name_or_path), named, rt.device)
+                   if config.regularizer == "anchor" else None)
         self.importance = DualImportance(ImportanceSettings.from_config(config), named, general, anchors, rt.device)
         if resumed_from:
             self._restore_importance(self._epoch_dir(resumed_from) / "importance")
@@ -296,38 +308,29 @@ class Stage2:
         rt.barrier()
         return summary
 
+    def _objective(self, batch: dict[str, torch.Tensor], lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what backward runs on, the next-token loss): they differ only for grad_penalty, whose penalty
+        joins the loss so that the hooks receive its exact gradient."""
+        loss = self._forward(batch)
+        if self.config.regularizer != "grad_penalty":
+            return loss, loss
+        return loss + self.importance.gradient_penalty(loss, lr, self.named), loss
+
     def _train_step(self, batch: dict[str, torch.Tensor], lr: float) -> dict[str, Any]:
         record: dict[str, Any] = {}
         if self.config.clip_grad_norm:
-            loss = self._forward(batch)
-            ok = self.lomo.norm_pass(loss, lr)
+            objective, loss = self._objective(batch, lr)
+            ok = self.lomo.norm_pass(objective, lr)
             self._after_backward()
             record["grad_norm"] = self.lomo.last_norm
             if not ok:
                 record.update(loss=float(loss.detach()), skipped="fp16 overflow", loss_scale=self.lomo.loss_scale)
                 return record
-        loss = self._forward(batch)
-        self.lomo.update_pass(loss, lr)
+        objective, loss = self._objective(batch, lr)
+        self.lomo.update_pass(objective, lr)
         self._after_backward()
         record["loss"] = float(loss.detach())
         return record
-
-    def _anchors(self, named: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
-        """Pretrained projection weights W0 (from the original model, also when resuming)."""
-        from safetensors import safe_open
-
-        folder = Path(resolve_model(self.config.model_name_or_path))
-        anchors = {}
-        for file in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():
-                    if key in named and projection_target(key):
-                        anchors[key] = handle.get_tensor(key).to(torch.bfloat16 if self.config.general_importance_dtype
-                                                                 == "bfloat16" else torch.float32).to(self.rt.device)
-        missing = [n for n in named if projection_target(n) and n not in anchors]
-        if missing:
-            raise DPrunerError(f"regularizer anchor: pretrained weights for {missing[0]} not found in {folder}")
-        return anchors
 
     def _restore_importance(self, folder: Path) -> None:
         layers = load_score_layers(folder)

@@ -2,7 +2,9 @@
 """Paper-style result table from evaluation JSONs laid out as RESULTS/<row label>/<task>.json
 (the layout scripts/legal.sh, scripts/medical.sh and scripts/reproduce_tables.sh write).
 
-Every cell shows the value and, in parentheses, its percentage of the dense model's value.
+Every cell shows the value, its 95 % bootstrap interval, its percentage of the dense model's value, and
+`*` where the paired bootstrap against --reference (SparseGPT) excludes 0. Rows named <label>~seed<N>
+are summarised in a second table as mean ± s.d. over seeds.
 
 Example: python code/make_tables.py outputs/legal/eval --domain legal --md outputs/legal/table.md
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 from dpruner import cli
 from dpruner.io import atomic_path
-from dpruner.tables import COLUMNS, build_table, load_results, to_csv, to_markdown
+from dpruner.tables import DEFAULT_REFERENCE, COLUMNS, build_table, load_results, seed_table, to_csv, to_markdown
 
 
 def main(argv=None) -> int:
@@ -20,12 +22,16 @@ def main(argv=None) -> int:
     parser.add_argument("--domain", choices=sorted(COLUMNS), required=True, help="which columns to show")
     parser.add_argument("--labels", default=None,
                         help="comma-separated row labels in display order (default: dense first, then all)")
+    parser.add_argument("--reference", default=DEFAULT_REFERENCE,
+                        help="row label every other row is paired against (ignored when it is not a row)")
     parser.add_argument("--md", default=None, help="also write the markdown table here")
     parser.add_argument("--csv", default=None, help="also write the table as CSV (one row per cell) here")
     args = parser.parse_args(argv)
     labels = [label.strip() for label in args.labels.split(",")] if args.labels else None
-    table = build_table(load_results(cli.resolve_out(args.results)), args.domain, labels)
-    markdown = to_markdown(table)
+    results = load_results(cli.resolve_out(args.results))
+    table = build_table(results, args.domain, labels, args.reference)
+    seeds = seed_table(results, args.domain)
+    markdown = to_markdown(table) + (f"\nMean ± s.d. over seeds:\n\n{seeds}" if seeds else "")
     for path, text in ((args.md, markdown), (args.csv, to_csv(table))):
         if path:
             with atomic_path(cli.resolve_out(path)) as tmp:

@@ -87,8 +87,9 @@ def test_table_shows_values_and_percent_of_dense(tmp_path):
     table = build_table(load_results(tmp_path), "legal", ["dense", "wanda"])
     markdown = to_markdown(table)
     assert "| Wanda | 50.0 / 40.0 | 12.500 (125.0%) | 13.500 (122.7%) | 30.00 (75.0%) | 15.00 (75.0%) |" in markdown
+    assert "95 % bootstrap interval" in markdown  # the legend; these results have no per-unit rows
     assert markdown.splitlines()[2].startswith("| Dense | 0.0 / 0.0 | 10.000 |")
     assert "BillSum" not in markdown  # columns without any result are left out
-    assert "wanda,Wanda,0.5,0.4,CaseHOLD acc,0.3,75.0" in to_csv(table)
+    assert "wanda,Wanda,0.5,0.4,CaseHOLD acc,0.3,75.0,,,,,,," in to_csv(table)
     with pytest.raises(DPrunerError, match="no results for row"):
         build_table(load_results(tmp_path), "legal", ["dense", "magnitude"])

@@ -399,12 +399,16 @@ def collect(config: SweepConfig, points: Sequence[Point]) -> tuple[list[dict[str
         return [], None
     table = tables.build_table(tables.load_results(config.out / "eval"), config.domain, [p.label for p in finished])
     rows = []
-    for point, (label, values, sparsity) in zip(finished, table.rows):
+    for point, (label, cells, sparsity) in zip(finished, table.rows):
         row: dict[str, Any] = {"sweep": config.kind, "label": label, "method": point.method,
                                "lambda": "" if point.lam is None else point.lam, "sparsity": point.sparsity,
                                "projection_sparsity": sparsity.get("projection_sparsity"),
                                "overall_sparsity": sparsity.get("overall_sparsity")}
-        row.update({_key(column.title): values[column.title] for column in table.columns})
+        for column in table.columns:
+            cell = cells[column.title]
+            row[_key(column.title)] = cell.value
+            row[_key(column.title) + "_ci95_low"] = cell.interval.low if cell.interval else None
+            row[_key(column.title) + "_ci95_high"] = cell.interval.high if cell.interval else None
         rows.append(row)
     return rows, table
 

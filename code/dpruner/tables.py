@@ -1,10 +1,14 @@
 """Result tables: read evaluation JSONs laid out as RESULTS/<row label>/<task>.json and print the
-paper-style table (absolute value and % of dense for every cell) as markdown and CSV."""
+paper-style table as markdown and CSV. Every cell shows the value, its 95 % bootstrap interval over the
+evaluation units (the `.examples.jsonl` beside each result), its % of dense, and `*` where a paired
+bootstrap against the reference row (SparseGPT by default) excludes a zero difference. Rows named
+`<label>~seed<N>` are seeds of one method: they are summarised as mean ± s.d. (`seed_table`)."""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -13,8 +17,13 @@ from typing import Any
 
 from dpruner.errors import DPrunerError
 from dpruner.io import read_json
+from dpruner.stats import (Interval, PairedDifference, Statistic, bootstrap_ci, exp_mean_of, exp_weighted_mean,
+                           macro_f1_of, mean_and_sd, mean_of, paired_bootstrap)
 
 DENSE = "dense"
+# The row every other one is tested against (issue: significance against SparseGPT).
+DEFAULT_REFERENCE = "sparsegpt"
+SEED_SEPARATOR = "~seed"
 
 
 @dataclass(frozen=True)
@@ -22,45 +31,51 @@ class Column:
     title: str
     task: str  # result file stem
     get: Callable[[dict[str, Any]], float]
+    statistic: Statistic  # the same number recomputed from the per-unit rows (bootstrap)
     lower_is_better: bool = False
     percent: bool = False  # show as a percentage (accuracy, F1, ROUGE)
+    corpus: str | None = None  # perplexity: whose windows are the units (None = the only corpus)
 
 
-def _ppl(corpus: str | None, key: str = "ppl_window_mean") -> Callable[[dict[str, Any]], float]:
-    """A perplexity from a result; corpus None = the only corpus (its name follows a user --text-file)."""
+def _ppl_column(title: str, task: str, corpus: str | None, token_weighted: bool = False) -> Column:
+    """A perplexity column; corpus None = the only corpus (its name follows a user --text-file)."""
+    key = "ppl_token_weighted" if token_weighted else "ppl_window_mean"
+
     def get(result: dict[str, Any]) -> float:
         metrics = result["metrics"]
         return (metrics[corpus] if corpus else next(iter(metrics.values())))[key]
-    return get
+    statistic = exp_weighted_mean("nll", "tokens") if token_weighted else exp_mean_of("nll")
+    return Column(title, task, get, statistic, lower_is_better=True, corpus=corpus)
 
 
-def _metric(key: str) -> Callable[[dict[str, Any]], float]:
-    return lambda result: result["metrics"][key]
+def _metric_column(title: str, task: str, key: str) -> Column:
+    """Accuracy / macro-F1 over the per-example (label, prediction) rows, ROUGE over per-example scores."""
+    statistic = {"accuracy": mean_of("correct"), "macro_f1": macro_f1_of("label", "prediction")}.get(key, mean_of(key))
+    return Column(title, task, lambda result: result["metrics"][key], statistic, percent=True)
 
 
-WIKITEXT = Column("WikiText-2 ppl", "general_perplexity", _ppl("wikitext2"), lower_is_better=True)
+def _rouge_columns(prefix: str, task: str) -> list[Column]:
+    return [_metric_column(f"{prefix} {name}", task, key) for name, key in
+            (("R-1", "rouge1"), ("R-2", "rouge2"), ("R-L", "rougeL"))]
+
+
+WIKITEXT = _ppl_column("WikiText-2 ppl", "general_perplexity", "wikitext2")
 COLUMNS: dict[str, list[Column]] = {
     "legal": [
-        Column("Legal ppl", "legal_perplexity", _ppl("multilegalpile"), lower_is_better=True),
-        Column("Legal ppl (token-weighted)", "legal_perplexity", _ppl("multilegalpile", "ppl_token_weighted"),
-               lower_is_better=True),
-        Column("CaseHOLD acc", "casehold", _metric("accuracy"), percent=True),
-        Column("CaseHOLD F1", "casehold", _metric("macro_f1"), percent=True),
-        Column("BillSum R-1", "billsum", _metric("rouge1"), percent=True),
-        Column("BillSum R-2", "billsum", _metric("rouge2"), percent=True),
-        Column("BillSum R-L", "billsum", _metric("rougeL"), percent=True),
+        _ppl_column("Legal ppl", "legal_perplexity", "multilegalpile"),
+        _ppl_column("Legal ppl (token-weighted)", "legal_perplexity", "multilegalpile", token_weighted=True),
+        _metric_column("CaseHOLD acc", "casehold", "accuracy"),
+        _metric_column("CaseHOLD F1", "casehold", "macro_f1"),
+        *_rouge_columns("BillSum", "billsum"),
         WIKITEXT,
     ],
     "medical": [
-        Column("Medical ppl", "medical_perplexity", _ppl(None), lower_is_better=True),
-        Column("Medical ppl (token-weighted)", "medical_perplexity", _ppl(None, "ppl_token_weighted"),
-               lower_is_better=True),
-        Column("PubMedQA acc", "pubmedqa", _metric("accuracy"), percent=True),
-        Column("PubMedQA F1", "pubmedqa", _metric("macro_f1"), percent=True),
-        Column("HQS R-1", "hqs", _metric("rouge1"), percent=True),
-        Column("HQS R-2", "hqs", _metric("rouge2"), percent=True),
-        Column("HQS R-L", "hqs", _metric("rougeL"), percent=True),
-        Column("MedNLI acc", "mednli", _metric("accuracy"), percent=True),
+        _ppl_column("Medical ppl", "medical_perplexity", None),
+        _ppl_column("Medical ppl (token-weighted)", "medical_perplexity", None, token_weighted=True),
+        _metric_column("PubMedQA acc", "pubmedqa", "accuracy"),
+        _metric_column("PubMedQA F1", "pubmedqa", "macro_f1"),
+        *_rouge_columns("HQS", "hqs"),
+        _metric_column("MedNLI acc", "mednli", "accuracy"),
         WIKITEXT,
     ],
 }
@@ -76,61 +91,145 @@ ROW_NAMES = {
     "dpruner-matrix": "D-Pruner (per matrix)",
     "dpruner-iterative": "D-Pruner (iterative blocking)",
     "dpruner-noreg": "D-Pruner w/o regularizer (lambda = 0)",
+    "dpruner-upstream": "D-Pruner, the original code's form (upstream)",
+    "dpruner-squared-grad": "D-Pruner, squared-gradient form (formerly 'paper')",
+    "dpruner-obs": "D-Pruner-OBS (dual mask + OBS compensation)",
+    "dpruner-obs-saliency": "D-Pruner-OBS (dual importance ranks inside the OBS sweep)",
     "general-only": "General importance only (stage 1 scores)",
     "domain-only": "Domain importance only (no regularizer, no general scores)",
 }
 
 
+EXAMPLES_KEY = "_examples_path"  # set by load_results when a result's per-unit rows lie beside it
+
+
 def load_results(folder: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
-    """{row label: {task: result}} from RESULTS/<label>/<task>.json."""
+    """{row label: {task: result}} from RESULTS/<label>/<task>.json (+ <task>.examples.jsonl)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DPrunerError(f"results folder {folder} does not exist")
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for path in sorted(folder.glob("*/*.json")):
-        results.setdefault(path.parent.name, {})[path.stem] = read_json(path)
+        result = read_json(path)
+        examples = path.with_name(f"{path.stem}.examples.jsonl")
+        if examples.is_file():
+            result[EXAMPLES_KEY] = examples
+        results.setdefault(path.parent.name, {})[path.stem] = result
     if not results:
         raise DPrunerError(f"results folder {folder} holds no <label>/<task>.json files")
     return results
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise DPrunerError(f"{path}:{number}: not a JSON line ({err.msg})") from None
+    return rows
+
+
+def _units(result: dict[str, Any], column: Column) -> dict[str, list] | None:
+    """The column's evaluation units as columns of equal length (ids first), or None without rows."""
+    path = result.get(EXAMPLES_KEY)
+    if path is None:
+        return None
+    rows = _read_rows(path)
+    if rows and "corpus" in rows[0]:
+        corpus = column.corpus or rows[0]["corpus"]
+        rows = [row for row in rows if row["corpus"] == corpus]
+    if len(rows) < 2:
+        return None
+    units: dict[str, list] = {"id": [row["id"] for row in rows]}
+    if "label" in rows[0] and "prediction" in rows[0]:
+        units["label"] = [row["label"] for row in rows]
+        units["prediction"] = [row["prediction"] for row in rows]
+        units["correct"] = [float(row["label"] == row["prediction"]) for row in rows]
+    for key, value in rows[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            units[key] = [row[key] for row in rows]
+    return units
+
+
+@dataclass
+class Cell:
+    value: float | None
+    interval: Interval | None = None  # 95 % bootstrap CI over the units
+    versus_reference: PairedDifference | None = None  # paired bootstrap: this row minus the reference row
 
 
 @dataclass
 class Table:
     domain: str
     columns: list[Column]
-    rows: list[tuple[str, dict[str, float | None], dict[str, Any]]]  # label, values by column title, sparsity
+    rows: list[tuple[str, dict[str, Cell], dict[str, Any]]]  # label, cells by column title, sparsity
+    reference: str | None = None  # the row the paired tests compare against
 
     def value(self, label: str, column: Column) -> float | None:
-        return next(values for name, values, _ in self.rows if name == label).get(column.title)
+        return next(cells for name, cells, _ in self.rows if name == label)[column.title].value
+
+
+def _cell(result: dict[str, Any] | None, column: Column, reference_units: dict[str, list] | None) -> Cell:
+    if result is None:
+        return Cell(None)
+    cell = Cell(float(column.get(result)))
+    units = _units(result, column)
+    if units is None:
+        return cell
+    cell.interval = bootstrap_ci(units, column.statistic)
+    if reference_units is not None and reference_units is not units:
+        if reference_units["id"] != units["id"]:
+            raise DPrunerError(f"{result[EXAMPLES_KEY]}: its units differ from the reference row's "
+                               f"({len(units['id'])} vs {len(reference_units['id'])}); evaluate both on the same data")
+        cell.versus_reference = paired_bootstrap(reference_units, units, column.statistic)
+    return cell
+
+
+def _default_order(results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    rank = list(ROW_NAMES)
+    return sorted(results, key=lambda l: (l != DENSE, rank.index(l) if l in rank else len(rank), l))
 
 
 def build_table(results: dict[str, dict[str, dict[str, Any]]], domain: str,
-                labels: Sequence[str] | None = None) -> Table:
+                labels: Sequence[str] | None = None, reference: str | None = DEFAULT_REFERENCE) -> Table:
+    """The table for `labels` (default: every non-seed row, dense first). `reference` (when it is a
+    row) is the method every other row is paired against."""
     if domain not in COLUMNS:
         raise DPrunerError(f"unknown domain {domain!r}; expected one of {', '.join(COLUMNS)}")
-    order = list(labels) if labels else sorted(results, key=lambda l: (l != DENSE, list(ROW_NAMES).index(l)
-                                                                        if l in ROW_NAMES else len(ROW_NAMES), l))
+    order = list(labels) if labels else [l for l in _default_order(results) if SEED_SEPARATOR not in l]
     missing = [label for label in order if label not in results]
     if missing:
         raise DPrunerError(f"no results for row(s) {', '.join(missing)}; have {', '.join(sorted(results))}")
+    reference = reference if reference in order else None
     columns = [c for c in COLUMNS[domain] if any(c.task in results[label] for label in order)]
+    reference_units = {c.title: _units(results[reference][c.task], c) if reference and c.task in results[reference]
+                       else None for c in columns}
     rows = []
     for label in order:
-        values = {}
+        cells = {}
         sparsity: dict[str, Any] = {}
         for column in columns:
             result = results[label].get(column.task)
-            values[column.title] = None if result is None else float(column.get(result))
+            units = reference_units[column.title] if label != reference else None
+            cells[column.title] = _cell(result, column, units)
             if result is not None and not sparsity:
                 sparsity = result.get("sparsity", {})
-        rows.append((label, values, sparsity))
-    return Table(domain, columns, rows)
+        rows.append((label, cells, sparsity))
+    return Table(domain, columns, rows, reference)
 
 
-def _format(value: float | None, column: Column) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
+def _number(value: float, column: Column) -> str:
     return f"{100 * value:.2f}" if column.percent else f"{value:.3f}"
+
+
+def _format(cell: Cell, column: Column) -> str:
+    if cell.value is None or math.isnan(cell.value):
+        return "–"
+    text = _number(cell.value, column)
+    if cell.interval is not None:
+        text += f" [{_number(cell.interval.low, column)}, {_number(cell.interval.high, column)}]"
+    return text
 
 
 def _percent_of_dense(table: Table, label: str, column: Column) -> str:
@@ -142,6 +241,10 @@ def _percent_of_dense(table: Table, label: str, column: Column) -> str:
     return f" ({100 * value / dense:.1f}%)"
 
 
+def _significance(cell: Cell) -> str:
+    return "*" if cell.versus_reference is not None and cell.versus_reference.significant else ""
+
+
 def _sparsity_cell(sparsity: dict[str, Any]) -> str:
     if "parameters_after" in sparsity and "parameters_before" in sparsity:
         return f"{100 * (1 - sparsity['parameters_after'] / sparsity['parameters_before']):.1f}% params removed"
@@ -150,26 +253,73 @@ def _sparsity_cell(sparsity: dict[str, Any]) -> str:
     return "–"
 
 
+def legend(table: Table) -> str:
+    """What the brackets and stars mean, for the line under a table."""
+    reference = ROW_NAMES.get(table.reference, table.reference) if table.reference else None
+    text = "[low, high]: 95 % bootstrap interval over examples (perplexity: over scored windows)"
+    if reference:
+        text += f"; * the paired-bootstrap 95 % interval of the difference to {reference} excludes 0 " \
+                "(no star: no difference within the noise)"
+    return text + "."
+
+
 def to_markdown(table: Table) -> str:
     head = ["Method", "Sparsity % (proj / all)", *(c.title + (" ↓" if c.lower_is_better else " ↑") for c in table.columns)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, values, sparsity in table.rows:
-        cells = [ROW_NAMES.get(label, label), _sparsity_cell(sparsity)]
-        cells += [_format(values[c.title], c) + _percent_of_dense(table, label, c) for c in table.columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    for label, cells, sparsity in table.rows:
+        row = [ROW_NAMES.get(label, label), _sparsity_cell(sparsity)]
+        row += [_format(cells[c.title], c) + _percent_of_dense(table, label, c) + _significance(cells[c.title])
+                for c in table.columns]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n\n" + legend(table) + "\n"
 
 
 def to_csv(table: Table) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["label", "method", "projection_sparsity", "overall_sparsity", "column", "value", "percent_of_dense"])
+    writer.writerow(["label", "method", "projection_sparsity", "overall_sparsity", "column", "value", "percent_of_dense",
+                     "ci95_low", "ci95_high", "reference", "diff_vs_reference", "diff_ci95_low", "diff_ci95_high",
+                     "diff_p_value"])
     has_dense = any(name == DENSE for name, _, _ in table.rows)
-    for label, values, sparsity in table.rows:
+    for label, cells, sparsity in table.rows:
         for column in table.columns:
-            value = values[column.title]
+            cell = cells[column.title]
             dense = table.value(DENSE, column) if has_dense else None
-            ratio = 100 * value / dense if value is not None and dense else None
+            ratio = 100 * cell.value / dense if cell.value is not None and dense else None
+            ci = (cell.interval.low, cell.interval.high) if cell.interval else (None, None)
+            paired = cell.versus_reference
+            diff = (paired.difference, paired.low, paired.high, paired.p_value) if paired else (None,) * 4
             writer.writerow([label, ROW_NAMES.get(label, label), sparsity.get("projection_sparsity"),
-                             sparsity.get("overall_sparsity"), column.title, value, ratio])
+                             sparsity.get("overall_sparsity"), column.title, cell.value, ratio, *ci,
+                             table.reference if paired else None, *diff])
     return buffer.getvalue()
+
+
+def seed_groups(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, list[str]]:
+    """{method label: its `<label>~seed<N>` rows}, for methods run with several seeds."""
+    groups: dict[str, list[str]] = {}
+    for label in sorted(results):
+        if SEED_SEPARATOR in label:
+            groups.setdefault(label.split(SEED_SEPARATOR)[0], []).append(label)
+    return {method: labels for method, labels in groups.items() if len(labels) >= 2}
+
+
+def seed_table(results: dict[str, dict[str, dict[str, Any]]], domain: str) -> str:
+    """Markdown: mean ± s.d. over seeds of every column, one row per method with >= 2 seed rows."""
+    groups = seed_groups(results)
+    if not groups:
+        return ""
+    columns = [c for c in COLUMNS[domain] if any(c.task in results[l] for ls in groups.values() for l in ls)]
+    head = ["Method", "seeds", *(c.title + (" ↓" if c.lower_is_better else " ↑") for c in columns)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, labels in groups.items():
+        row = [ROW_NAMES.get(method, method), str(len(labels))]
+        for column in columns:
+            values = [float(column.get(results[l][column.task])) for l in labels if column.task in results[l]]
+            if len(values) < 2:
+                row.append("–")
+                continue
+            mean, sd = mean_and_sd(values)
+            row.append(f"{_number(mean, column)} ± {_number(sd, column)}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"

@@ -189,6 +189,7 @@ def _run_perplexity(task: Task, loaded: Loaded, data: EvalSet, args: argparse.Na
     max_length = min(args.max_length, positions) if positions else args.max_length
     stride = args.stride if task.stride is not None else max_length
     metrics = {}
+    examples = []
     for corpus in data.items:
         ids = loaded.tokenizer(corpus.text, return_tensors="pt").input_ids[0]
         if corpus.max_windows is not None:
@@ -199,11 +200,14 @@ def _run_perplexity(task: Task, loaded: Loaded, data: EvalSet, args: argparse.Na
             raise DPrunerError(f"{corpus.name}: {err}") from None
         result = window_perplexity(loaded.model, ids, windows, args.batch_size, desc=corpus.name)
         metrics[corpus.name] = {**result.summary(), "documents": corpus.documents}
+        # One row per scored window: the units the tables bootstrap over (dpruner.stats).
+        examples += [{"id": f"{corpus.name}:{i}", "corpus": corpus.name, "nll": nll, "tokens": tokens}
+                     for i, (nll, tokens) in enumerate(zip(result.window_losses, result.window_tokens))]
     summary = "; ".join(f"{name} ppl {m['ppl_window_mean']:.3f} (token-weighted {m['ppl_token_weighted']:.3f}, "
                         f"{m['windows']} windows)" for name, m in metrics.items())
     protocol = ("sliding (HF recipe, the original's)" if task.stride is not None
                 else "non-overlapping full windows (SparseGPT)")
-    return Outcome(metrics, [], {"max_length": max_length, "stride": stride, "protocol": protocol}, summary)
+    return Outcome(metrics, examples, {"max_length": max_length, "stride": stride, "protocol": protocol}, summary)
 
 
 def _run_choice(task: Task, loaded: Loaded, data: EvalSet, args: argparse.Namespace) -> Outcome:

@@ -1,0 +1,116 @@
+"""Bootstrap intervals and paired tests against independent references, and the tables that show them."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from dpruner.errors import DPrunerError
+from dpruner.stats import (bootstrap_ci, exp_mean_of, exp_weighted_mean, macro_f1_of, mean_and_sd, mean_of,
+                           paired_bootstrap)
+from dpruner.tables import build_table, load_results, seed_table, to_csv, to_markdown
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_macro_f1_equals_sklearn(seed):
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(seed)
+    truth = rng.choice(["yes", "no", "maybe"], size=40, p=[0.6, 0.3, 0.1])
+    guess = rng.choice(["yes", "no", "maybe", "other"], size=40)
+    expected = f1_score(truth, guess, average="macro", zero_division=0)
+    assert macro_f1_of("t", "p")({"t": truth, "p": guess}) == pytest.approx(expected, abs=1e-12)
+
+
+def test_mean_interval_agrees_with_the_normal_approximation():
+    values = np.random.default_rng(1).normal(3.0, 2.0, size=400)
+    interval = bootstrap_ci({"x": values}, mean_of("x"))
+    half = 1.96 * values.std(ddof=1) / math.sqrt(len(values))
+    assert interval.value == pytest.approx(values.mean())
+    assert interval.low == pytest.approx(values.mean() - half, abs=0.03)
+    assert interval.high == pytest.approx(values.mean() + half, abs=0.03)
+
+
+def test_perplexity_statistics_are_the_evaluator_formulas():
+    nll, tokens = np.array([2.0, 3.0, 2.5]), np.array([10, 30, 20])
+    assert exp_mean_of("nll")({"nll": nll}) == pytest.approx(math.exp(2.5))
+    assert exp_weighted_mean("nll", "tokens")({"nll": nll, "tokens": tokens}) == pytest.approx(
+        math.exp((20 + 90 + 50) / 60))
+
+
+def test_paired_bootstrap_tells_a_shift_from_noise():
+    rng = np.random.default_rng(2)
+    base = rng.normal(0, 1, size=200)
+    same = paired_bootstrap({"x": base}, {"x": base.copy()}, mean_of("x"))
+    assert same.difference == 0 and same.low == 0 and same.high == 0 and not same.significant
+    shifted = paired_bootstrap({"x": base}, {"x": base + 0.1}, mean_of("x"))
+    assert shifted.significant and shifted.difference == pytest.approx(0.1) and shifted.p_value < 0.01
+    noisy = paired_bootstrap({"x": base}, {"x": base + rng.normal(0, 1, size=200) + 0.01}, mean_of("x"))
+    assert not noisy.significant and noisy.p_value > 0.05  # 0.01 inside noise of s.d. 1/sqrt(200)
+    # the unpaired interval of the same shift is far wider: pairing is what makes it detectable
+    assert bootstrap_ci({"x": base}, mean_of("x")).high - bootstrap_ci({"x": base}, mean_of("x")).low > 0.2
+
+
+def test_paired_bootstrap_needs_the_same_units():
+    with pytest.raises(DPrunerError, match="same units"):
+        paired_bootstrap({"x": [1.0, 2.0, 3.0]}, {"x": [1.0, 2.0]}, mean_of("x"))
+
+
+def test_mean_and_sd_over_seeds():
+    assert mean_and_sd([1.0, 2.0, 4.0]) == pytest.approx((7 / 3, np.std([1.0, 2.0, 4.0], ddof=1)))
+    with pytest.raises(DPrunerError, match="at least 2 seeds"):
+        mean_and_sd([1.0])
+
+
+def write_choice(folder, label: str, correct: list[bool], projection: float = 0.5) -> None:
+    (folder / label).mkdir(parents=True)
+    labels = ["a" if i % 2 else "b" for i in range(len(correct))]
+    rows = [{"id": i, "label": lab, "prediction": lab if ok else ("b" if lab == "a" else "a")}
+            for i, (lab, ok) in enumerate(zip(labels, correct))]
+    (folder / label / "casehold.examples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    accuracy = sum(correct) / len(correct)
+    from sklearn.metrics import f1_score
+
+    f1 = f1_score([r["label"] for r in rows], [r["prediction"] for r in rows], average="macro")
+    (folder / label / "casehold.json").write_text(json.dumps({
+        "task": "casehold", "metrics": {"accuracy": accuracy, "macro_f1": f1},
+        "sparsity": {"projection_sparsity": projection, "overall_sparsity": projection * 0.8}}))
+
+
+def test_table_cells_carry_intervals_and_paired_stars(tmp_path):
+    rng = np.random.default_rng(3)
+    reference = list(rng.random(200) < 0.5)
+    write_choice(tmp_path, "dense", list(rng.random(200) < 0.7), projection=0.0)
+    write_choice(tmp_path, "sparsegpt", reference)
+    write_choice(tmp_path, "wanda", [not c if i < 3 else c for i, c in enumerate(reference)])  # 3 flips: noise
+    write_choice(tmp_path, "magnitude", [False] * 200)  # far worse
+    table = build_table(load_results(tmp_path), "legal", ["dense", "sparsegpt", "wanda", "magnitude"])
+    markdown = to_markdown(table)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in markdown.splitlines() if line.startswith("| ")}
+    assert "[" in rows["SparseGPT"] and "*" not in rows["SparseGPT"]
+    assert "*" not in rows["Wanda"]  # inside the noise: no difference
+    assert rows["Magnitude"].count("*") == 2  # accuracy and F1 both differ
+    assert "excludes 0" in markdown
+    csv_lines = [line for line in to_csv(table).splitlines() if line.startswith("magnitude,") and "CaseHOLD acc" in line]
+    assert ",sparsegpt," in csv_lines[0]
+
+
+def test_table_refuses_units_that_differ_from_the_reference(tmp_path):
+    write_choice(tmp_path, "sparsegpt", [True, False] * 20)
+    write_choice(tmp_path, "wanda", [True, False] * 25)
+    with pytest.raises(DPrunerError, match="units differ from the reference"):
+        build_table(load_results(tmp_path), "legal", ["sparsegpt", "wanda"])
+
+
+def test_seed_rows_are_summarised_as_mean_and_sd(tmp_path):
+    accuracies = {1: [True] * 30 + [False] * 10, 2: [True] * 20 + [False] * 20, 3: [True] * 25 + [False] * 15}
+    for seed, correct in accuracies.items():
+        write_choice(tmp_path, f"sparsegpt~seed{seed}", correct)
+    write_choice(tmp_path, "dense", [True] * 40, projection=0.0)
+    results = load_results(tmp_path)
+    assert [label for label, _, _ in build_table(results, "legal").rows] == ["dense"]  # seeds are not main rows
+    mean, sd = np.mean([0.75, 0.5, 0.625]), np.std([0.75, 0.5, 0.625], ddof=1)
+    assert f"| SparseGPT | 3 | {100 * mean:.2f} ± {100 * sd:.2f} |" in seed_table(results, "legal")

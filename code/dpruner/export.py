@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -18,11 +20,26 @@ from dpruner.models import PROJECTIONS, count_parameters, decoder_layers, projec
 REPORT_NAME = "pruning_report.json"
 
 
-def versions() -> dict[str, str]:
+def versions() -> dict[str, Any]:
+    """Library versions plus what decides CPU floating-point results bit for bit: the thread count
+    (how reductions are split) and the SIMD kernels torch dispatches to (AVX2, AVX-512, ...)."""
     import transformers
 
     return {"dpruner": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine()}
+
+
+def mask_checksum(model: nn.Module) -> str:
+    """sha256 of which projection weights are zero, layer by layer in PROJECTIONS order: two runs
+    pruned the same weights exactly when their checksums agree (whatever the kept values)."""
+    digest = hashlib.sha256()
+    for index, layer in enumerate(decoder_layers(model)):
+        for name, linear in projection_modules(layer).items():
+            zeros = (linear.weight.detach() == 0).cpu().numpy()
+            digest.update(f"{index}.{name}:{list(zeros.shape)}".encode())
+            digest.update(np.packbits(zeros).tobytes())
+    return digest.hexdigest()
 
 
 def sparsity_report(model: nn.Module) -> dict[str, Any]:
@@ -49,6 +66,7 @@ def sparsity_report(model: nn.Module) -> dict[str, Any]:
         "zero_projection_weights": zeros_proj,
         "zero_parameters": zeros_all,
         "per_layer": per_layer,
+        "mask_sha256": mask_checksum(model),
     }
 
 

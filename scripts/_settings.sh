@@ -3,11 +3,12 @@
 # rerun resumes only with the same settings. Defines `step` and `evaluate_model LABEL TARGET`.
 DOMAIN="${1:-}"
 case "$DOMAIN" in legal|medical) shift ;; -h|--help) usage; exit 0 ;; *) echo "error: first argument must be legal or medical (see --help)" >&2; exit 2 ;; esac
-MODEL=smollm2-135m; QUICK=0; TINY=0; OUT=""; FRESH=0
+MODEL=smollm2-135m; QUICK=0; TINY=0; STANDARD=0; OUT=""; FRESH=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
         --tiny) QUICK=1; TINY=1 ;;
+        --standard) QUICK=1; STANDARD=1 ;;
         --fresh) FRESH=1 ;;
         --out) [ $# -ge 2 ] || { echo "error: --out needs a folder" >&2; exit 2; }; OUT="$2"; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -24,11 +25,19 @@ if [ "$TINY" = 1 ]; then
     : "${OUT:=outputs/$DOMAIN-tiny}" "${PPL_LIMIT:=10}" "${CHOICE_LIMIT:=30}" "${GEN_LIMIT:=3}"
     : "${GEN_ARGS:=--greedy --max-new-tokens 32}" "${WIKI_LIMIT:=200}"
 fi
+if [ "$STANDARD" = 1 ]; then
+    # --quick pruning and training with evaluation sets large enough to rank methods (hours on a 2-core
+    # CPU; resumable): all 200 CaseHOLD / 500 PubMedQA test rows, all 300 MultiLegalPile texts, 100 BillSum
+    # bills / all 100 HQS questions with 128 new tokens, and all of WikiText-2 (~560 windows of 512).
+    : "${OUT:=outputs/$DOMAIN-standard}" "${PPL_LIMIT:=300}" "${CHOICE_LIMIT:=}" "${GEN_LIMIT:=100}"
+    : "${GEN_ARGS:=--greedy --max-new-tokens 128}" "${WIKI_LIMIT:=}" "${WIKI_SEQLEN:=512}"
+fi
 if [ "$QUICK" = 1 ]; then
     # Small settings that finish on a 2-core CPU; the choices are recorded in the output folder.
     : "${OUT:=outputs/$DOMAIN-quick}" "${SPARSITY:=0.5}" "${NSAMPLES:=16}" "${SEQLEN:=256}"
-    : "${PPL_LIMIT:=20}" "${PPL_MAX_LENGTH:=512}" "${PPL_STRIDE:=256}" "${CHOICE_LIMIT:=40}" "${GEN_LIMIT:=5}"
-    : "${GEN_ARGS:=--greedy --max-new-tokens 48}" "${WIKI_LIMIT:=600}" "${WIKI_SEQLEN:=512}"
+    # (an empty CHOICE_LIMIT / WIKI_LIMIT, as --standard sets, means the whole set)
+    : "${PPL_LIMIT:=20}" "${PPL_MAX_LENGTH:=512}" "${PPL_STRIDE:=256}" "${CHOICE_LIMIT=40}" "${GEN_LIMIT:=5}"
+    : "${GEN_ARGS:=--greedy --max-new-tokens 48}" "${WIKI_LIMIT=600}" "${WIKI_SEQLEN:=512}"
     if [ "$DOMAIN" = legal ]; then
         : "${TRAIN_ARGS:=casehold_examples=32 billsum_examples=8 data_max_length=256 per_device_train_batch_size=4}"
     else

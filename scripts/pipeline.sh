@@ -5,10 +5,11 @@
 #   stage 3 (D-Pruner masks on the original weights: per matrix and with iterative blocking)
 #   stage 4 (the domain's evaluations + WikiText-2 perplexity for dense, SparseGPT and both D-Pruner models)
 #
-# Usage: scripts/pipeline.sh legal|medical [MODEL] [--quick|--tiny] [--out DIR] [--fresh]
+# Usage: scripts/pipeline.sh legal|medical [MODEL] [--quick|--tiny|--standard] [--out DIR] [--fresh]
 #   MODEL    a Hugging Face folder, hub id, or smollm2-135m (the embedded default)
 #   --quick  small settings for a 2-core CPU (minutes instead of hours); default: the paper's settings
 #   --tiny   --quick with smaller evaluation subsets (the quickstart's)
+#   --standard  --quick with evaluation sets large enough to rank methods (all test rows; hours on a CPU)
 #   --out    output folder (default outputs/<domain>, outputs/<domain>-quick or outputs/<domain>-tiny)
 #   --fresh  delete the output folder first (otherwise finished steps are skipped: the run resumes)
 # Every setting in scripts/_settings.sh can be overridden with an environment variable of that name.

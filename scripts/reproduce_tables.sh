@@ -11,14 +11,21 @@
 #                     at the pretrained weights, no fine-tuning (the domain half of D-Pruner alone)
 #      general-only   the stage-1 scores as the mask: SparseGPT's saliency w^2/[H^-1]_jj, per matrix,
 #                     without SparseGPT's weight update (the general half of D-Pruner alone)
+#   3b. the regularizer forms and D-Pruner-OBS: dpruner-upstream (the original code's formulas, raw G),
+#      dpruner-squared-grad (this project's former "paper" form), dpruner-obs (the dual mask + OBS
+#      compensation on the mixcal Hessian) and dpruner-obs-saliency (dual importance ranks inside the sweep)
 #   4. the domain's 3 evaluations + WikiText-2 for every row; OUT/table_full.md and OUT/table_full.csv
+#      (every cell with its 95 % bootstrap interval, * = paired difference to SparseGPT beyond the noise)
+#   4b. with SEEDS (e.g. SEEDS="1 2"): sparsegpt, mixcal, dpruner-matrix and dpruner-obs again with
+#      calibration seed N and stage-2 seed N, as rows <label>~seedN; the table adds mean ± s.d. over seeds
+#      (the default-seed row counts as one seed)
 #   5. mask overlap (code/analyze_masks.py) of the unstructured models in OUT/mask_analysis, and of D-Pruner
 #      and its three ablations in OUT/mask_analysis_dpruner; general-only and dpruner-matrix are exactly
 #      the masks of the stage-1 and stage-2 scores at $SPARSITY, so their pair is general vs dual importance
 #   6. OUT/RESULTS_<domain>.md (command, date, machine, versions, settings, wall time, table, figures);
 #      the Jaccard figures are copied to docs/figures/<domain>/ (<domain>-quick/, <domain>-tiny/ with those flags)
 #
-# Usage: scripts/reproduce_tables.sh legal|medical [MODEL] [--quick|--tiny] [--out DIR] [--fresh]
+# Usage: scripts/reproduce_tables.sh legal|medical [MODEL] [--quick|--tiny|--standard] [--out DIR] [--fresh]
 #   the arguments, settings and output folder of scripts/pipeline.sh (see its --help); every setting in
 #   scripts/_settings.sh can be overridden with an environment variable of that name
 set -euo pipefail
@@ -27,8 +34,15 @@ ARGS=("$@")
 source "$(dirname "$0")/_settings.sh"
 
 CALIBRATION=(--nsamples "$NSAMPLES" --seqlen "$SEQLEN" --windowing "$WINDOWING")
-ROWS="dense magnitude sparsegpt wanda llm-pruner mixcal dpruner-matrix dpruner-iterative dpruner-noreg general-only domain-only"
-UNSTRUCTURED="magnitude sparsegpt wanda mixcal dpruner-matrix dpruner-iterative dpruner-noreg general-only domain-only"
+ROWS="dense magnitude sparsegpt wanda llm-pruner mixcal dpruner-matrix dpruner-iterative dpruner-upstream
+dpruner-squared-grad dpruner-obs dpruner-obs-saliency dpruner-noreg general-only domain-only"
+ROWS="$(echo $ROWS)"
+UNSTRUCTURED="${ROWS/dense /}"; UNSTRUCTURED="${UNSTRUCTURED/llm-pruner /}"
+SEED_ROWS=""
+for seed in ${SEEDS:-}; do SEED_ROWS="$SEED_ROWS sparsegpt~seed$seed mixcal~seed$seed dpruner-matrix~seed$seed dpruner-obs~seed$seed"; done
+# The original code's formulas (config/args_lomo_upstream.yaml's D-Pruner keys) on this run's settings.
+UPSTREAM_FORM="regularizer=upstream importance_formula=upstream importance_accumulate=upstream loss_scale=65536
+general_importance_norm=none general_importance_dtype=float32"
 
 # prune LABEL METHOD [OPTIONS]: code/prune_baseline.py into OUT/models/LABEL, unless it is there.
 prune() {
@@ -54,7 +68,8 @@ if [ -f "$OUT/table.md" ]; then
     echo "[skip] $OUT/table.md exists"
 else
     PIPELINE_ARGS=("$DOMAIN" "$MODEL" --out "$OUT")
-    if [ "$TINY" = 1 ]; then PIPELINE_ARGS+=(--tiny); elif [ "$QUICK" = 1 ]; then PIPELINE_ARGS+=(--quick); fi
+    if [ "$TINY" = 1 ]; then PIPELINE_ARGS+=(--tiny); elif [ "$STANDARD" = 1 ]; then PIPELINE_ARGS+=(--standard)
+    elif [ "$QUICK" = 1 ]; then PIPELINE_ARGS+=(--quick); fi
     bash scripts/pipeline.sh "${PIPELINE_ARGS[@]}"
 fi
 
@@ -74,12 +89,43 @@ mask dpruner-noreg "$OUT/lomo_noreg/importance"
 mask domain-only "$OUT/lomo_domain_only/importance"
 mask general-only "$OUT/general_importance"
 
+step "3b/6 regularizer forms and D-Pruner-OBS"
+# shellcheck disable=SC2086
+run_stage2 lomo_upstream $UPSTREAM_FORM
+run_stage2 lomo_squared_grad regularizer=squared_grad
+mask dpruner-upstream "$OUT/lomo_upstream/importance"
+mask dpruner-squared-grad "$OUT/lomo_squared_grad/importance"
+OBS_ARGS=(--sparsity "$SPARSITY" --calibration mix --domain "$DOMAIN" --alpha 0.5 "${CALIBRATION[@]}")
+prune dpruner-obs dpruner-obs --scores "$OUT/lomo/importance" --selection mask "${OBS_ARGS[@]}"
+prune dpruner-obs-saliency dpruner-obs --scores "$OUT/lomo/importance" --selection saliency "${OBS_ARGS[@]}"
+
+if [ -n "${SEEDS:-}" ]; then
+    step "3c/6 seeds ${SEEDS}: sparsegpt, mixcal, dpruner-matrix, dpruner-obs"
+    for seed in $SEEDS; do
+        general="$OUT/general_importance~seed$seed"
+        if [ ! -f "$OUT/models/sparsegpt~seed$seed/pruning_report.json" ]; then
+            "$PY" code/general.py "$MODEL" c4 --sparsity "$SPARSITY" "${CALIBRATION[@]}" --seed "$seed" \
+                --out "$general" --save-pruned "$OUT/models/sparsegpt~seed$seed"
+        fi
+        prune "mixcal~seed$seed" mixcal --sparsity "$SPARSITY" --calibration mix --domain "$DOMAIN" --alpha 0.5 \
+            "${CALIBRATION[@]}" --seed "$seed"
+        if ! grep -qs '"complete": true' "$OUT/lomo~seed$seed/trainer_state.json"; then
+            # shellcheck disable=SC2086
+            $LAUNCHER code/src/train_lomo.py "$CONFIG" model_name_or_path="$MODEL" deepspeed="$DS_CONFIG" \
+                general_importance_dir="$general" output_dir="$OUT/lomo~seed$seed" seed="$seed" $TRAIN_ARGS
+        fi
+        mask "dpruner-matrix~seed$seed" "$OUT/lomo~seed$seed/importance"
+        prune "dpruner-obs~seed$seed" dpruner-obs --scores "$OUT/lomo~seed$seed/importance" --selection mask \
+            --sparsity "$SPARSITY" --calibration mix --domain "$DOMAIN" --alpha 0.5 "${CALIBRATION[@]}" --seed "$seed"
+    done
+fi
+
 step "4/6 evaluation of every row, and the table"
-for label in $ROWS; do
+for label in $ROWS $SEED_ROWS; do
     target="$OUT/models/$label"; [ "$label" = dense ] && target="$MODEL"
     evaluate_model "$label" "$target"
 done
-"$PY" code/make_tables.py "$OUT/eval" --domain "$DOMAIN" --labels "${ROWS// /,}" \
+"$PY" code/make_tables.py "$OUT/eval" --domain "$DOMAIN" --labels "${ROWS// /,}" --reference sparsegpt \
     --md "$OUT/table_full.md" --csv "$OUT/table_full.csv" > /dev/null
 
 step "5/6 mask analysis"
@@ -87,7 +133,8 @@ step "5/6 mask analysis"
 analyze "$OUT/mask_analysis" $UNSTRUCTURED
 analyze "$OUT/mask_analysis_dpruner" dpruner-matrix dpruner-noreg general-only domain-only
 FIGURES="docs/figures/$DOMAIN"
-if [ "$TINY" = 1 ]; then FIGURES="$FIGURES-tiny"; elif [ "$QUICK" = 1 ]; then FIGURES="$FIGURES-quick"; fi
+if [ "$TINY" = 1 ]; then FIGURES="$FIGURES-tiny"; elif [ "$STANDARD" = 1 ]; then FIGURES="$FIGURES-standard"
+elif [ "$QUICK" = 1 ]; then FIGURES="$FIGURES-quick"; fi
 mkdir -p "$FIGURES"
 cp "$OUT/mask_analysis/jaccard_heatmap.png" "$FIGURES/jaccard_heatmap.png"
 cp "$OUT/mask_analysis_dpruner/jaccard_by_layer.png" "$FIGURES/jaccard_by_layer.png"

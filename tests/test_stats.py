@@ -114,3 +114,7 @@ def test_seed_rows_are_summarised_as_mean_and_sd(tmp_path):
     assert [label for label, _, _ in build_table(results, "legal").rows] == ["dense"]  # seeds are not main rows
     mean, sd = np.mean([0.75, 0.5, 0.625]), np.std([0.75, 0.5, 0.625], ddof=1)
     assert f"| SparseGPT | 3 | {100 * mean:.2f} ± {100 * sd:.2f} |" in seed_table(results, "legal")
+    write_choice(tmp_path, "sparsegpt", [True] * 35 + [False] * 5)  # the default-seed row joins its seeds
+    values = [0.875, 0.75, 0.5, 0.625]
+    assert f"| SparseGPT | 4 | {100 * np.mean(values):.2f} ± {100 * np.std(values, ddof=1):.2f} |" in \
+        seed_table(load_results(tmp_path), "legal")

@@ -296,11 +296,15 @@ def to_csv(table: Table) -> str:
 
 
 def seed_groups(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, list[str]]:
-    """{method label: its `<label>~seed<N>` rows}, for methods run with several seeds."""
+    """{method label: its rows over seeds}: the `<label>~seed<N>` rows plus `<label>` itself (the
+    default seed) when present, for methods with at least 2 seeds."""
     groups: dict[str, list[str]] = {}
     for label in sorted(results):
         if SEED_SEPARATOR in label:
             groups.setdefault(label.split(SEED_SEPARATOR)[0], []).append(label)
+    for method, labels in groups.items():
+        if method in results:
+            labels.insert(0, method)
     return {method: labels for method, labels in groups.items() if len(labels) >= 2}
 
 

@@ -3,6 +3,7 @@
 C4 validation (the first 1100 documents joined by spaces, first 256 windows), non-overlapping windows of
 --max-length (seqlen, default 2048; Wanda uses 4096 for LLaMA-2), ppl = exp(mean window loss).
 Offline, C4 is the 30 OLMo C4 documents held out of calibration; --c4-source hub reads SparseGPT's shard.
+`wikitext2_validation` is WikiText-2's validation split, for choosing hyperparameters (never on test).
 
 Example: python code/general_perplexity_evaluation.py smollm2-135m outputs/pruned --datasets wikitext2
 """
@@ -12,17 +13,20 @@ from dpruner.data import eval_sets
 from dpruner.evaluation import runner
 from dpruner.evaluation.perplexity import DEFAULT_MAX_LENGTH
 
-DATASETS = ("wikitext2", "c4")
+DATASETS = ("wikitext2", "c4", "wikitext2_validation")
+DEFAULT_DATASETS = ("wikitext2", "c4")
 
 
 def load(args):
-    sets = [eval_sets.wikitext2(args.data_dir, args.limit) if name == "wikitext2"
-            else eval_sets.c4_validation(args.data_dir, args.limit, args.c4_source) for name in args.datasets]
+    loaders = {"wikitext2": lambda: eval_sets.wikitext2(args.data_dir, args.limit),
+               "wikitext2_validation": lambda: eval_sets.wikitext2(args.data_dir, args.limit, "validation"),
+               "c4": lambda: eval_sets.c4_validation(args.data_dir, args.limit, args.c4_source)}
+    sets = [loaders[name]() for name in args.datasets]
     return eval_sets.EvalSet([c for s in sets for c in s.items], [src for s in sets for src in s.sources])
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS),
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DEFAULT_DATASETS),
                         help="texts to evaluate")
     parser.add_argument("--c4-source", choices=("local", "hub"), default="local",
                         help="local: 30 held-out C4 documents (offline); hub: allenai/c4 validation shard 0 (SparseGPT)")

@@ -118,3 +118,14 @@ def test_seed_rows_are_summarised_as_mean_and_sd(tmp_path):
     values = [0.875, 0.75, 0.5, 0.625]
     assert f"| SparseGPT | 4 | {100 * np.mean(values):.2f} ± {100 * np.std(values, ddof=1):.2f} |" in \
         seed_table(load_results(tmp_path), "legal")
+
+
+def test_wikitext_validation_is_its_own_text():
+    """Hyperparameters are chosen on WikiText-2 validation, which shares no row with the test text."""
+    from dpruner.data import eval_sets
+
+    test = eval_sets.wikitext2(limit=400).items[0]
+    validation = eval_sets.wikitext2(limit=400, split="validation").items[0]
+    assert test.name == "wikitext2" and validation.name == "wikitext2_validation"
+    test_rows = {row for row in test.text.split("\n\n") if len(row) > 80}
+    assert test_rows and not test_rows & set(validation.text.split("\n\n"))

@@ -210,11 +210,12 @@ def text_file(file: str, limit: int | None = MEDICAL_PPL_TEXTS) -> EvalSet:
     return EvalSet([_corpus(path.stem, texts)], [describe(path)])
 
 
-def wikitext2(data_dir: str | None = None, limit: int | None = None) -> EvalSet:
-    """WikiText-2 test as SparseGPT/Wanda: all rows (empty ones included) joined by a blank line."""
-    path = data_file("wikitext2_test", data_dir)
+def wikitext2(data_dir: str | None = None, limit: int | None = None, split: str = "test") -> EvalSet:
+    """WikiText-2 as SparseGPT/Wanda: all rows (empty ones included) joined by a blank line. `test` is
+    the reported number; `validation` is what hyperparameters (the lambda sweep) are chosen on."""
+    path = data_file(f"wikitext2_{split}", data_dir)
     texts = [str(row["text"]) for row in read_jsonl(path, required=("text",), limit=limit)]
-    return EvalSet([_corpus("wikitext2", texts)], [describe(path)])
+    return EvalSet([_corpus("wikitext2" if split == "test" else f"wikitext2_{split}", texts)], [describe(path)])
 
 
 def c4_validation(data_dir: str | None = None, limit: int | None = None, source: str = "local") -> EvalSet:

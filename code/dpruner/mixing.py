@@ -1,0 +1,260 @@
+"""Several stage-2 domains at once: batches drawn by the current proportions, constant or DRO-updated.
+
+Each step draws one domain with the step's own seeded generator (so every rank draws the same domain
+and a resumed run draws what the uninterrupted one would), then takes that domain's next batch from
+its own DistributedSampler pass; a pass ends with a short batch, as a DataLoader with drop_last=False.
+An epoch is as many steps as the domains' examples fill. With one domain this is exactly the
+single-domain DataLoader, so `constant` over one domain reproduces the single-domain run.
+
+With `domain_mixing: dro` the proportions follow DRPruning (dpruner.dro) every `dro_update_interval`
+steps. The proportions are logged to `domain_proportions.csv` (and plotted at the end); held-out
+examples of each domain give the dense model's reference loss and the per-domain result.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset, DistributedSampler
+
+from dpruner.data.domain import domain_texts
+from dpruner.dro import DroSettings, DroState
+from dpruner.errors import DPrunerError
+from dpruner.io import atomic_path
+
+PROPORTIONS_CSV = "domain_proportions.csv"
+PROPORTIONS_PLOT = "domain_proportions.png"
+
+
+def domain_training_texts(config, name: str) -> list[str]:
+    """Domain name -> its training strings (the single place to re-point at the YAML domain loader)."""
+    return domain_texts(dataclasses.replace(config, domain=name))
+
+
+class DomainBatches:
+    """Per-domain sampler passes; `take(domain)` gives that domain's next batch indices."""
+
+    def __init__(self, sizes: Sequence[int], batch_size: int, rank: int, world_size: int, seed: int) -> None:
+        self.samplers = [DistributedSampler(range(size), num_replicas=world_size, rank=rank, shuffle=True,
+                                            seed=seed, drop_last=False) for size in sizes]
+        self.batch_size = batch_size
+        self.passes = [0] * len(sizes)
+        self.positions = [0] * len(sizes)
+        self._orders: dict[int, list[int]] = {}
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(sum(len(sampler) for sampler in self.samplers) / self.batch_size)
+
+    def take(self, domain: int) -> list[int]:
+        if domain not in self._orders:
+            self.samplers[domain].set_epoch(self.passes[domain])
+            self._orders[domain] = list(self.samplers[domain])
+        order, start = self._orders[domain], self.positions[domain]
+        indices = order[start:start + self.batch_size]
+        self.positions[domain] = start + len(indices)
+        if self.positions[domain] >= len(order):
+            self.passes[domain] += 1
+            self.positions[domain] = 0
+            del self._orders[domain]
+        return indices
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"passes": list(self.passes), "positions": list(self.positions)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.passes, self.positions = list(state["passes"]), list(state["positions"])
+        self._orders.clear()
+
+
+def draw_domain(proportions: Sequence[float], seed: int, step: int) -> int:
+    """The domain of optimizer step `step` (from 1): one draw from the step's own generator."""
+    if len(proportions) == 1:
+        return 0
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return int(torch.multinomial(torch.tensor(proportions, dtype=torch.float64), 1, generator=generator))
+
+
+def _mean_over_ranks(value: float) -> float:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return float(tensor) / dist.get_world_size()
+
+
+class DomainMixture:
+    """The domains of one stage-2 run: data, proportions, DRO state, the log and the per-domain result."""
+
+    def __init__(self, config, make_dataset: Callable[[list[str]], Dataset], collate: Callable, rank: int,
+                 world_size: int) -> None:
+        self.config = config
+        self.names = list(config.domains)
+        self.train: list[Dataset] = []
+        self.held_out: list[Dataset] = []
+        for name in self.names:
+            texts = domain_training_texts(config, name)
+            keep = len(texts) - config.domain_eval_examples
+            if keep < 1:
+                raise DPrunerError(f"domain_eval_examples={config.domain_eval_examples} leaves no training example "
+                                   f"of domain {name} ({len(texts)} examples)")
+            self.train.append(make_dataset(texts[:keep]))
+            self.held_out.append(make_dataset(texts[keep:]))
+        self.collate = collate
+        self.batches = DomainBatches([len(d) for d in self.train], config.per_device_train_batch_size, rank,
+                                     world_size, config.seed)
+        initial = config.domain_proportions or [1.0 / len(self.names)] * len(self.names)
+        total = sum(initial)
+        self.initial = [value / total for value in initial]
+        self.dro: DroState | None = None
+        self.train_loss = DroState(self.initial, [0.0] * len(self.names), DroSettings(), ema=config.dro_ema)
+        self.steps_drawn = [0] * len(self.names)
+        self.step = 0
+        self.dense_losses: list[float] | None = None
+        self.log_rows: list[dict[str, Any]] = []
+
+    # ---------- set-up and resume ----------
+    def start(self, loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], state: dict[str, Any] | None) -> None:
+        """Dense reference losses (fresh run) or the saved mixture state (resume)."""
+        self.loss_fn = loss_fn
+        if state:
+            self.dense_losses = state["dense_losses"]
+            self.step, self.steps_drawn, self.log_rows = state["step"], state["steps_drawn"], state["log_rows"]
+            self.batches.load_state_dict(state["batches"])
+            self.train_loss.load_state_dict(state["train_loss"])
+        elif self.config.domain_eval_examples:
+            self.dense_losses = self.held_out_losses()
+        if self.config.domain_mixing == "dro":
+            reference = self.config.dro_reference_losses or self.dense_losses
+            if reference is None:
+                raise DPrunerError("domain_mixing=dro needs dro_reference_losses or domain_eval_examples > 0 "
+                                   "(the dense model's held-out loss is the default reference)")
+            if len(reference) != len(self.names):
+                raise DPrunerError(f"dro_reference_losses has {len(reference)} values for {len(self.names)} domains")
+            settings = DroSettings(rho=self.config.dro_rho, min_prob=self.config.dro_min_prob)
+            self.dro = DroState(self.initial, reference, settings, self.config.dro_ema, self.config.dro_smoothing)
+            if state:
+                self.dro.load_state_dict(state["dro"])
+        if not self.log_rows:
+            self._log(None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"dense_losses": self.dense_losses, "step": self.step, "steps_drawn": self.steps_drawn,
+                "log_rows": self.log_rows, "batches": self.batches.state_dict(),
+                "train_loss": self.train_loss.state_dict(), "dro": self.dro.state_dict() if self.dro else None}
+
+    @property
+    def proportions(self) -> list[float]:
+        return self.dro.proportions.tolist() if self.dro else self.initial
+
+    @property
+    def examples(self) -> int:
+        return sum(len(d) for d in self.train)
+
+    # ---------- training ----------
+    def epoch(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of one epoch; call `after_step` with each step's loss."""
+        for _ in range(self.batches.steps_per_epoch):
+            domain = draw_domain(self.proportions, self.config.seed, self.step + 1)
+            indices = self.batches.take(domain)
+            self.current = domain
+            yield self.collate([self.train[domain][i] for i in indices])
+
+    def after_step(self, loss: float) -> None:
+        self.step += 1
+        self.steps_drawn[self.current] += 1
+        loss = _mean_over_ranks(loss)
+        self.train_loss.observe(self.current, loss)
+        if self.dro is None:
+            return
+        self.dro.observe(self.current, loss)
+        if self.step % self.config.dro_update_interval == 0:
+            if self.config.dro_loss == "validation":
+                self.dro.set_losses(self.held_out_losses())
+            if self.dro.update() is not None:
+                self._log(self.dro.losses)
+
+    @torch.no_grad()
+    def held_out_losses(self) -> list[float]:
+        """Token-weighted loss of each domain's held-out examples (the same on every rank)."""
+        losses = []
+        size = self.config.per_device_train_batch_size
+        for data in self.held_out:
+            total = tokens = 0.0
+            for start in range(0, len(data), size):
+                batch = self.collate([data[i] for i in range(start, min(start + size, len(data)))])
+                count = float((batch["labels"][:, 1:] != -100).sum())
+                total += float(self.loss_fn(batch)) * count
+                tokens += count
+            losses.append(total / tokens)
+        return losses
+
+    # ---------- log and result ----------
+    def _log(self, losses: Sequence[float | None] | None) -> None:
+        row: dict[str, Any] = {"step": self.step}
+        for index, name in enumerate(self.names):
+            row[f"p_{name}"] = round(self.proportions[index], 6)
+            row[f"loss_{name}"] = None if losses is None else losses[index]
+        self.log_rows.append(row)
+
+    def write_log(self, folder: Path) -> tuple[Path, Path]:
+        """The proportions CSV and its plot (atomic writes); the last row is the final state."""
+        if self.log_rows[-1]["step"] != self.step:
+            self._log(self.dro.losses if self.dro else self.train_loss.losses)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(self.log_rows[0]))
+        writer.writeheader()
+        writer.writerows(self.log_rows)
+        csv_path, plot_path = folder / PROPORTIONS_CSV, folder / PROPORTIONS_PLOT
+        with atomic_path(csv_path) as tmp:
+            tmp.write_text(buffer.getvalue())
+        plot_proportions(self.log_rows, self.names, plot_path, self.config.domain_mixing)
+        return csv_path, plot_path
+
+    def summary(self) -> dict[str, Any]:
+        """Every domain's numbers; relative perplexity = exp(final - dense held-out loss)."""
+        final = self.held_out_losses() if self.config.domain_eval_examples else None
+        domains = {}
+        for index, name in enumerate(self.names):
+            entry = {"train_examples": len(self.train[index]), "held_out_examples": len(self.held_out[index]),
+                     "steps": self.steps_drawn[index], "initial_proportion": self.initial[index],
+                     "final_proportion": self.proportions[index], "train_loss_ema": self.train_loss.losses[index]}
+            if final is not None:
+                entry.update(dense_loss=self.dense_losses[index], final_loss=final[index],
+                             dense_perplexity=math.exp(self.dense_losses[index]), perplexity=math.exp(final[index]),
+                             relative_perplexity=math.exp(final[index] - self.dense_losses[index]))
+            domains[name] = entry
+        result: dict[str, Any] = {"domain_mixing": self.config.domain_mixing, "domains": domains}
+        if final is not None:
+            worst = max(domains, key=lambda name: domains[name]["relative_perplexity"])
+            result["worst_domain"] = {"name": worst, "relative_perplexity": domains[worst]["relative_perplexity"]}
+        return result
+
+
+def plot_proportions(rows: list[dict[str, Any]], names: Sequence[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    steps = [row["step"] for row in rows]
+    for name in names:
+        axes.plot(steps, [row[f"p_{name}"] for row in rows], marker="o", markersize=3, label=name)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("sampling proportion")
+    axes.set_title(f"domain proportions ({title})")
+    axes.set_ylim(0, 1)
+    axes.legend()
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
+    plt.close(figure)

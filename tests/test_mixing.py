@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from conftest import REPO
+from conftest import REPO, run_cli
 from dpruner.config import load_config
 from dpruner.errors import DPrunerError
 from dpruner.mixing import DomainBatches, draw_domain
@@ -72,6 +72,7 @@ def test_two_domain_dro_run_logs_proportions_and_reports_every_domain(stage2_inp
     assert sum(d["steps"] for d in summary["domains"].values()) == summary["global_step"] == 4
     relative = {name: d["relative_perplexity"] for name, d in summary["domains"].items()}
     assert summary["worst_domain"] == {"name": max(relative, key=relative.get), "relative_perplexity": max(relative.values())}
+    assert summary["mean_relative_perplexity"] == pytest.approx(sum(relative.values()) / 2)
     with open(out / "domain_proportions.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert rows[0]["step"] == "0" and float(rows[0]["p_legal"]) == 0.5
@@ -93,3 +94,16 @@ def test_two_domain_dro_run_logs_proportions_and_reports_every_domain(stage2_inp
 def test_bad_multi_domain_keys_are_one_line_errors(extra, expect):
     with pytest.raises(DPrunerError, match=expect.replace("[", r"\[").replace("(", r"\(")):
         load_config(CONFIG, ["regularizer=none", *extra])
+
+
+def test_domain_perplexity_of_the_dense_model_is_one_everywhere(stage2_inputs, tmp_path):
+    _, model, _ = stage2_inputs
+    out = tmp_path / "run"
+    _run(stage2_inputs, out, domains="[legal,medical]", domain_eval_examples=2, pubmedqa_examples=6,
+         hqs_examples=4, max_steps=1)
+    done = run_cli("domain_perplexity.py", model, model, out, "--out", tmp_path / "ppl.json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "ppl.json").read_text())
+    assert set(result["domains"]) == {"legal", "medical"}
+    assert all(entry["relative_perplexity"] == 1.0 for entry in result["domains"].values())
+    assert all(entry["held_out_examples"] == 2 for entry in result["domains"].values())

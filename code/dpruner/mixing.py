@@ -39,6 +39,29 @@ def domain_training_texts(config, name: str) -> list[str]:
     return domain_texts(dataclasses.replace(config, domain=name))
 
 
+def split_domain(config, name: str) -> tuple[list[str], list[str]]:
+    """(training, held-out) texts: the last `domain_eval_examples` of the domain's shuffled texts are held out."""
+    texts = domain_training_texts(config, name)
+    keep = len(texts) - config.domain_eval_examples
+    if keep < 1:
+        raise DPrunerError(f"domain_eval_examples={config.domain_eval_examples} leaves no training example "
+                           f"of domain {name} ({len(texts)} examples)")
+    return texts[:keep], texts[keep:]
+
+
+@torch.no_grad()
+def held_out_loss(loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], data: Dataset, collate: Callable,
+                  batch_size: int) -> float:
+    """Token-weighted mean loss of a dataset, `batch_size` examples per forward pass."""
+    total = tokens = 0.0
+    for start in range(0, len(data), batch_size):
+        batch = collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
+        count = float((batch["labels"][:, 1:] != -100).sum())
+        total += float(loss_fn(batch)) * count
+        tokens += count
+    return total / tokens
+
+
 class DomainBatches:
     """Per-domain sampler passes; `take(domain)` gives that domain's next batch indices."""
 
@@ -101,13 +124,9 @@ class DomainMixture:
         self.train: list[Dataset] = []
         self.held_out: list[Dataset] = []
         for name in self.names:
-            texts = domain_training_texts(config, name)
-            keep = len(texts) - config.domain_eval_examples
-            if keep < 1:
-                raise DPrunerError(f"domain_eval_examples={config.domain_eval_examples} leaves no training example "
-                                   f"of domain {name} ({len(texts)} examples)")
-            self.train.append(make_dataset(texts[:keep]))
-            self.held_out.append(make_dataset(texts[keep:]))
+            train, held_out = split_domain(config, name)
+            self.train.append(make_dataset(train))
+            self.held_out.append(make_dataset(held_out))
         self.collate = collate
         self.batches = DomainBatches([len(d) for d in self.train], config.per_device_train_batch_size, rank,
                                      world_size, config.seed)
@@ -182,27 +201,16 @@ class DomainMixture:
             if self.dro.update() is not None:
                 self._log(self.dro.losses)
 
-    @torch.no_grad()
     def held_out_losses(self) -> list[float]:
-        """Token-weighted loss of each domain's held-out examples (the same on every rank)."""
-        losses = []
-        size = self.config.per_device_train_batch_size
-        for data in self.held_out:
-            total = tokens = 0.0
-            for start in range(0, len(data), size):
-                batch = self.collate([data[i] for i in range(start, min(start + size, len(data)))])
-                count = float((batch["labels"][:, 1:] != -100).sum())
-                total += float(self.loss_fn(batch)) * count
-                tokens += count
-            losses.append(total / tokens)
-        return losses
+        """Each domain's held-out loss (the same data on every rank)."""
+        return [held_out_loss(self.loss_fn, data, self.collate, self.config.per_device_train_batch_size)
+                for data in self.held_out]
 
     # ---------- log and result ----------
     def _log(self, losses: Sequence[float | None] | None) -> None:
         row: dict[str, Any] = {"step": self.step}
-        for index, name in enumerate(self.names):
-            row[f"p_{name}"] = round(self.proportions[index], 6)
-            row[f"loss_{name}"] = None if losses is None else losses[index]
+        row.update({f"p_{name}": round(p, 6) for name, p in zip(self.names, self.proportions)})
+        row.update({f"loss_{name}": None if losses is None else losses[i] for i, name in enumerate(self.names)})
         self.log_rows.append(row)
 
     def write_log(self, folder: Path) -> tuple[Path, Path]:
@@ -234,9 +242,16 @@ class DomainMixture:
             domains[name] = entry
         result: dict[str, Any] = {"domain_mixing": self.config.domain_mixing, "domains": domains}
         if final is not None:
-            worst = max(domains, key=lambda name: domains[name]["relative_perplexity"])
-            result["worst_domain"] = {"name": worst, "relative_perplexity": domains[worst]["relative_perplexity"]}
+            result.update(worst_and_mean(domains))
         return result
+
+
+def worst_and_mean(domains: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The domain of largest relative perplexity, and the mean over domains (for "at equal average")."""
+    relative = {name: entry["relative_perplexity"] for name, entry in domains.items()}
+    worst = max(relative, key=relative.get)
+    return {"worst_domain": {"name": worst, "relative_perplexity": relative[worst]},
+            "mean_relative_perplexity": sum(relative.values()) / len(relative)}
 
 
 def plot_proportions(rows: list[dict[str, Any]], names: Sequence[str], path: Path, title: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 from collections import Counter
 
 import pytest
@@ -16,8 +17,9 @@ from dpruner.config import load_config
 from dpruner.errors import DPrunerError
 from dpruner.mixing import DomainBatches, draw_domain
 from dpruner.trainer import train
-from test_train_lomo import final_weights, overrides, stage2_inputs  # noqa: F401 (fixture)
 from dpruner.io import load_score_layers
+from dpruner.trainer import KILL_AFTER_EPOCH_ENV
+from test_train_lomo import assert_same_run, final_weights, overrides, stage2_inputs  # noqa: F401 (fixture)
 
 CONFIG = REPO / "config" / "args_lomo.yaml"
 
@@ -63,9 +65,11 @@ def test_constant_one_domain_equals_the_single_domain_run(stage2_inputs, tmp_pat
         assert all(torch.equal(x[m], y[m]) for m in x)
 
 
-def test_two_domain_dro_run_logs_proportions_and_reports_every_domain(stage2_inputs, tmp_path):
+@pytest.mark.parametrize("dro_loss", ["train", "validation"])
+def test_two_domain_dro_run_logs_proportions_and_reports_every_domain(stage2_inputs, tmp_path, dro_loss):
     out = tmp_path / "dro"
     summary = _run(stage2_inputs, out, domains="[legal,medical]", domain_mixing="dro", dro_update_interval=1,
+                   dro_loss=dro_loss,
                    domain_eval_examples=2, pubmedqa_examples=6, hqs_examples=4, max_steps=4,
                    domain_proportions="[0.5,0.5]")
     assert set(summary["domains"]) == {"legal", "medical"}
@@ -81,6 +85,23 @@ def test_two_domain_dro_run_logs_proportions_and_reports_every_domain(stage2_inp
     assert float(rows[-1]["p_legal"]) == pytest.approx(final, abs=1e-6)
     assert (out / "domain_proportions.png").stat().st_size > 0
     assert json.loads((out / "summary.json").read_text())["worst_domain"] == summary["worst_domain"]
+
+
+def test_dro_run_resumes_after_a_kill_as_if_uninterrupted(stage2_inputs, tmp_path):
+    _, model, general = stage2_inputs
+    common = dict(num_train_epochs=2, max_steps="null", casehold_examples=5, billsum_examples=2, pubmedqa_examples=5,
+                  hqs_examples=2, domains="[legal,medical]", domain_mixing="dro", dro_update_interval=2,
+                  domain_eval_examples=1)
+    full = _run(stage2_inputs, tmp_path / "full", **common)
+    args = overrides(model, general, tmp_path / "resumed", **common)
+    killed = run_cli("src/train_lomo.py", "config/args_lomo.yaml", *args, env={KILL_AFTER_EPOCH_ENV: "1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = train(load_config(CONFIG, args))
+    assert resumed["resumed_from_epoch"] == 1
+    assert_same_run(tmp_path / "full", tmp_path / "resumed")
+    assert resumed["domains"] == full["domains"]
+    assert (tmp_path / "full" / "domain_proportions.csv").read_text() == \
+        (tmp_path / "resumed" / "domain_proportions.csv").read_text()
 
 
 @pytest.mark.parametrize("extra,expect", [

@@ -111,6 +111,7 @@ def test_dro_run_resumes_after_a_kill_as_if_uninterrupted(stage2_inputs, tmp_pat
     (["domain_mixing=dro"], "need `domains"),
     (["domains=[legal]", "dro_rho=-1"], "dro_rho=-1.0 out of range"),
     (["domains=legal"], "must be a list"),
+    (["domains=[legal]", "domain_mixing=dro", "domain_eval_examples=0"], "needs dro_reference_losses or"),
 ])
 def test_bad_multi_domain_keys_are_one_line_errors(extra, expect):
     with pytest.raises(DPrunerError, match=expect.replace("[", r"\[").replace("(", r"\(")):

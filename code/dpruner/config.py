@@ -182,6 +182,9 @@ class TrainConfig:
                 raise DPrunerError(f"{where}: {key}={value} out of range (see docs/CONFIG.md)")
         if self.domain_mixing == "dro" and self.dro_loss == "validation" and not self.domain_eval_examples:
             raise DPrunerError(f"{where}: dro_loss=validation needs domain_eval_examples > 0")
+        if self.domain_mixing == "dro" and not self.dro_reference_losses and not self.domain_eval_examples:
+            raise DPrunerError(f"{where}: domain_mixing=dro needs dro_reference_losses or domain_eval_examples > 0 "
+                               "(the dense model's held-out loss is the default reference)")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "config_path"}

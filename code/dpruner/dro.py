@@ -130,6 +130,21 @@ def dro_update(losses: Sequence[float], reference: Sequence[float], p: Sequence[
     return DroUpdate(q.tolist(), eta, chi_square(q, p_arr), scale, False)
 
 
+class LossEma:
+    """Per-domain exponential moving average of the loss; the first observation starts it (the callback
+    starts at 0, which drags early averages towards 0)."""
+
+    def __init__(self, domains: int, ema: float = DEFAULT_EMA) -> None:
+        self.ema = ema
+        self.values: list[float | None] = [None] * domains
+
+    def observe(self, domain: int, loss: float) -> None:
+        if not math.isfinite(loss):  # a skipped fp16 step
+            return
+        old = self.values[domain]
+        self.values[domain] = loss if old is None else (1 - self.ema) * old + self.ema * loss
+
+
 class DroState:
     """Running per-domain losses and the proportions they give, updated every `update_interval` steps."""
 
@@ -139,20 +154,19 @@ class DroState:
         self.proportions = self.centre.copy()
         self.reference = _check_vector("reference losses", reference, len(self.centre))
         self.settings = settings
-        self.ema = ema
         self.smoothing = smoothing
-        self.losses: list[float | None] = [None] * len(self.centre)
+        self.running = LossEma(len(self.centre), ema)
+
+    @property
+    def losses(self) -> list[float | None]:
+        return self.running.values
 
     def observe(self, domain: int, loss: float) -> None:
-        """EMA of one domain's loss; the first observation starts it (the callback starts at 0)."""
-        if not math.isfinite(loss):
-            return
-        old = self.losses[domain]
-        self.losses[domain] = loss if old is None else (1 - self.ema) * old + self.ema * loss
+        self.running.observe(domain, loss)
 
     def set_losses(self, losses: Sequence[float]) -> None:
         """Held-out losses replace the running ones (the callback's use_eval)."""
-        self.losses = list(_check_vector("validation losses", losses, len(self.centre)))
+        self.running.values = list(_check_vector("validation losses", losses, len(self.centre)))
 
     def update(self) -> DroUpdate | None:
         """New proportions, or None while some domain has no loss yet."""
@@ -171,4 +185,4 @@ class DroState:
     def load_state_dict(self, state: dict) -> None:
         self.centre = np.asarray(state["centre"], dtype=np.float64)
         self.proportions = np.asarray(state["proportions"], dtype=np.float64)
-        self.losses = list(state["losses"])
+        self.running.values = list(state["losses"])

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
 
 from dpruner.data.domain import domain_texts
-from dpruner.dro import DroSettings, DroState
+from dpruner.dro import DroSettings, DroState, LossEma
 from dpruner.errors import DPrunerError
 from dpruner.io import atomic_path
 
@@ -134,30 +134,28 @@ class DomainMixture:
         total = sum(initial)
         self.initial = [value / total for value in initial]
         self.dro: DroState | None = None
-        self.train_loss = DroState(self.initial, [0.0] * len(self.names), DroSettings(), ema=config.dro_ema)
+        self.train_loss = LossEma(len(self.names), config.dro_ema)
         self.steps_drawn = [0] * len(self.names)
         self.step = 0
         self.dense_losses: list[float] | None = None
         self.log_rows: list[dict[str, Any]] = []
 
     # ---------- set-up and resume ----------
-    def start(self, loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], state: dict[str, Any] | None) -> None:
-        """Dense reference losses (fresh run) or the saved mixture state (resume)."""
+    def start(self, loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], state: dict[str, Any] | None,
+              log_dir: Path | None) -> None:
+        """Dense reference losses (fresh run) or the saved mixture state (resume); `log_dir` (rank 0 only)
+        receives the proportions CSV at every update."""
         self.loss_fn = loss_fn
+        self.log_dir = log_dir
         if state:
             self.dense_losses = state["dense_losses"]
             self.step, self.steps_drawn, self.log_rows = state["step"], state["steps_drawn"], state["log_rows"]
             self.batches.load_state_dict(state["batches"])
-            self.train_loss.load_state_dict(state["train_loss"])
+            self.train_loss.values = list(state["train_loss"])
         elif self.config.domain_eval_examples:
             self.dense_losses = self.held_out_losses()
         if self.config.domain_mixing == "dro":
             reference = self.config.dro_reference_losses or self.dense_losses
-            if reference is None:
-                raise DPrunerError("domain_mixing=dro needs dro_reference_losses or domain_eval_examples > 0 "
-                                   "(the dense model's held-out loss is the default reference)")
-            if len(reference) != len(self.names):
-                raise DPrunerError(f"dro_reference_losses has {len(reference)} values for {len(self.names)} domains")
             settings = DroSettings(rho=self.config.dro_rho, min_prob=self.config.dro_min_prob)
             self.dro = DroState(self.initial, reference, settings, self.config.dro_ema, self.config.dro_smoothing)
             if state:
@@ -168,7 +166,7 @@ class DomainMixture:
     def state_dict(self) -> dict[str, Any]:
         return {"dense_losses": self.dense_losses, "step": self.step, "steps_drawn": self.steps_drawn,
                 "log_rows": self.log_rows, "batches": self.batches.state_dict(),
-                "train_loss": self.train_loss.state_dict(), "dro": self.dro.state_dict() if self.dro else None}
+                "train_loss": self.train_loss.values, "dro": self.dro.state_dict() if self.dro else None}
 
     @property
     def proportions(self) -> list[float]:
@@ -212,20 +210,21 @@ class DomainMixture:
         row.update({f"p_{name}": round(p, 6) for name, p in zip(self.names, self.proportions)})
         row.update({f"loss_{name}": None if losses is None else losses[i] for i, name in enumerate(self.names)})
         self.log_rows.append(row)
+        if self.log_dir is not None:
+            buffer = io.StringIO()
+            writer = csv.DictWriter(buffer, fieldnames=list(self.log_rows[0]))
+            writer.writeheader()
+            writer.writerows(self.log_rows)
+            with atomic_path(self.log_dir / PROPORTIONS_CSV) as tmp:
+                tmp.write_text(buffer.getvalue())
 
-    def write_log(self, folder: Path) -> tuple[Path, Path]:
-        """The proportions CSV and its plot (atomic writes); the last row is the final state."""
+    def write_log(self) -> tuple[Path, Path]:
+        """The final row of the proportions CSV, and its plot (rank 0, atomic writes)."""
         if self.log_rows[-1]["step"] != self.step:
-            self._log(self.dro.losses if self.dro else self.train_loss.losses)
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(self.log_rows[0]))
-        writer.writeheader()
-        writer.writerows(self.log_rows)
-        csv_path, plot_path = folder / PROPORTIONS_CSV, folder / PROPORTIONS_PLOT
-        with atomic_path(csv_path) as tmp:
-            tmp.write_text(buffer.getvalue())
+            self._log(self.dro.losses if self.dro else self.train_loss.values)
+        plot_path = self.log_dir / PROPORTIONS_PLOT
         plot_proportions(self.log_rows, self.names, plot_path, self.config.domain_mixing)
-        return csv_path, plot_path
+        return self.log_dir / PROPORTIONS_CSV, plot_path
 
     def summary(self) -> dict[str, Any]:
         """Every domain's numbers; relative perplexity = exp(final - dense held-out loss)."""
@@ -234,7 +233,7 @@ class DomainMixture:
         for index, name in enumerate(self.names):
             entry = {"train_examples": len(self.train[index]), "held_out_examples": len(self.held_out[index]),
                      "steps": self.steps_drawn[index], "initial_proportion": self.initial[index],
-                     "final_proportion": self.proportions[index], "train_loss_ema": self.train_loss.losses[index]}
+                     "final_proportion": self.proportions[index], "train_loss_ema": self.train_loss.values[index]}
             if final is not None:
                 entry.update(dense_loss=self.dense_losses[index], final_loss=final[index],
                              dense_perplexity=math.exp(self.dense_losses[index]), perplexity=math.exp(final[index]),

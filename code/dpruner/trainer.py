@@ -255,7 +255,7 @@ class Stage2:
         self.lomo.previous_step_updated = self.state["previous_step_updated"]
 
         if self.mixture:
-            self.mixture.start(self._forward, self.state.get("mixture"))
+            self.mixture.start(self._forward, self.state.get("mixture"), self.out if rt.is_main else None)
             steps_per_epoch = self.mixture.batches.steps_per_epoch
         else:
             sampler = DistributedSampler(dataset, num_replicas=rt.world_size, rank=rt.rank, shuffle=True,
@@ -306,7 +306,7 @@ class Stage2:
         if self.mixture:
             summary.update(self.mixture.summary())
             if rt.is_main:
-                csv_path, plot_path = self.mixture.write_log(self.out)
+                csv_path, plot_path = self.mixture.write_log()
                 summary.update(proportions_csv=str(csv_path), proportions_plot=str(plot_path))
         if rt.is_main:
             self.state["complete"] = True

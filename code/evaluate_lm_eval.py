@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from importlib.metadata import version
+from pathlib import Path
 
 from dpruner import cli
 from dpruner.errors import DPrunerError
@@ -52,8 +54,6 @@ def main(argv=None) -> int:
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise DPrunerError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
     cli.quiet_libraries()
-    from pathlib import Path
-
     from dpruner.evaluation import lm_eval_bridge
     from dpruner.evaluation.runner import load_models
     from dpruner.export import versions
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     record = {"tasks": tasks, "models": loaded.paths, "sparsity": loaded.sparsity,
               "results": result["results"], "configs": result.get("configs", {}), "n-samples": result.get("n-samples"),
               "settings": {k: v for k, v in vars(args).items() if k not in ("base_model", "pruned_model")},
-              "versions": {**versions(), "lm_eval": result.get("lm_eval_version") or _lm_eval_version()},
+              "versions": {**versions(), "lm_eval": version("lm_eval")},
               "command": " ".join(sys.argv), "seconds": round(time.perf_counter() - started, 3)}
     write_json(out, record)
     for task, metrics in result["results"].items():
@@ -78,12 +78,6 @@ def main(argv=None) -> int:
         print(f"{task}: {shown}")
     print(f"-> {out} ({record['seconds']:.1f} s)")
     return 0
-
-
-def _lm_eval_version() -> str:
-    from importlib.metadata import version
-
-    return version("lm_eval")
 
 
 if __name__ == "__main__":

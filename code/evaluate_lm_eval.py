@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=None, help="first N documents of each task (default: all)")
     parser.add_argument("--num-fewshot", type=int, default=None, help="lm-eval's few-shot count (default: the task's)")
     parser.add_argument("--batch-size", type=int, default=8, help="lm-eval requests per forward pass")
-    parser.add_argument("--out", default=None, help=f"result JSON (default: {DEFAULT_OUT.format(name='<model folder>')})")
+    parser.add_argument("--out", default=None,
+                        help=f"result JSON (default: {DEFAULT_OUT.format(name='<model folder>')})")
     parser.add_argument("--data-dir", default=None, help="prepared data root for the local tasks "
                                                          "(default: legal_pruning_data/data)")
     parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, fp16 on CUDA), float32, bfloat16, float16")

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from dpruner.dro import DroSettings, DroState, chi_square, dro_update
+from dpruner.dro import DroSettings, DroState, dro_update
 from dpruner.errors import DPrunerError
 
 EXACT = DroSettings(min_prob=0.0, clamp_to_min_proportion=False, tol=1e-12)  # the unclamped DRO problem

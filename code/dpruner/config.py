@@ -167,14 +167,15 @@ class TrainConfig:
             values = getattr(self, key)
             if values is not None and len(values) != count:
                 raise DPrunerError(f"{where}: {key} has {len(values)} values for {count} domain(s)")
-        if self.domain_proportions is not None and any(not math.isfinite(v) or v <= 0 for v in self.domain_proportions):
+        if self.domain_proportions is not None and not all(math.isfinite(v) and v > 0 for v in self.domain_proportions):
             raise DPrunerError(f"{where}: domain_proportions={self.domain_proportions}; expected positive numbers")
         if self.dro_reference_losses is not None and not all(map(math.isfinite, self.dro_reference_losses)):
             raise DPrunerError(f"{where}: dro_reference_losses={self.dro_reference_losses}; expected finite numbers")
         if self.domains is None and (self.domain_mixing != "constant" or self.domain_proportions is not None):
             raise DPrunerError(f"{where}: domain_mixing / domain_proportions need `domains: [...]`")
-        checks = {"domain_eval_examples": self.domain_eval_examples >= 0, "dro_update_interval": self.dro_update_interval >= 1,
-                  "dro_rho": self.dro_rho >= 0, "dro_ema": 0 < self.dro_ema <= 1, "dro_min_prob": 0 <= self.dro_min_prob <= 1,
+        checks = {"domain_eval_examples": self.domain_eval_examples >= 0,
+                  "dro_update_interval": self.dro_update_interval >= 1, "dro_rho": self.dro_rho >= 0,
+                  "dro_ema": 0 < self.dro_ema <= 1, "dro_min_prob": 0 <= self.dro_min_prob <= 1,
                   "dro_smoothing": self.dro_smoothing is None or 0 < self.dro_smoothing <= 1}
         for key, ok in checks.items():
             value = getattr(self, key)

@@ -262,7 +262,8 @@ def plot_proportions(rows: list[dict[str, Any]], names: Sequence[str], path: Pat
     figure, axes = plt.subplots(figsize=(6, 3.5))
     steps = [row["step"] for row in rows]
     for name in names:
-        axes.plot(steps, [row[f"p_{name}"] for row in rows], drawstyle="steps-post", marker="o", markersize=3, label=name)
+        axes.plot(steps, [row[f"p_{name}"] for row in rows], drawstyle="steps-post", marker="o", markersize=3,
+                  label=name)
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("sampling proportion")
     axes.set_title(f"domain proportions ({title})")

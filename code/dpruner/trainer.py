@@ -29,8 +29,8 @@ from dpruner.export import versions
 from dpruner.importance import DualImportance, ImportanceSettings, load_general_importance, projection_target
 from dpruner.io import atomic_dir, load_score_layers, read_json, save_score_folder, write_json
 from dpruner.lomo import DynamicLossScaler, Lomo
-from dpruner.mixing import DomainMixture
 from dpruner.loss import causal_lm_loss, check_chunked_loss
+from dpruner.mixing import DomainMixture
 from dpruner.models import load_tokenizer, resolve_dtype, resolve_model
 
 STATE_FILE = "trainer_state.json"
@@ -223,8 +223,8 @@ class Stage2:
         resumed_from = self.state["epochs_done"]
         self.tokenizer = load_tokenizer(config.model_name_or_path)
         pad_id = self.tokenizer.pad_token_id
-        self.mixture = DomainMixture(config, lambda texts: TokenizedTexts(self.tokenizer, texts, config.data_max_length),
-                                     lambda b: collate(b, pad_id), rt.rank, rt.world_size) if config.domains else None
+        self.mixture = (DomainMixture(config, lambda texts: TokenizedTexts(self.tokenizer, texts, config.data_max_length),
+                                      lambda b: collate(b, pad_id), rt.rank, rt.world_size) if config.domains else None)
         dataset = None if self.mixture else TokenizedTexts(self.tokenizer, domain_texts(config), config.data_max_length)
         source = (str(self._epoch_dir(resumed_from) / "checkpoint") if resumed_from
                   else resolve_model(config.model_name_or_path))
@@ -299,7 +299,8 @@ class Stage2:
         final = self.out / "importance"
         self._save_importance(final, last_epoch)
         summary = {"importance": str(final), "epochs": last_epoch, "global_step": self.state["global_step"],
-                   "examples": self.mixture.examples if self.mixture else len(dataset), "world_size": rt.world_size, "deepspeed": bool(config.deepspeed),
+                   "examples": self.mixture.examples if self.mixture else len(dataset),
+                   "world_size": rt.world_size, "deepspeed": bool(config.deepspeed),
                    "zero3": self.zero3, "dtype": str(self.dtype).replace("torch.", ""),
                    "device": str(rt.device), "seconds": round(time.time() - began, 2),
                    "resumed_from_epoch": resumed_from, "versions": versions()}

@@ -43,7 +43,7 @@ def main() -> None:
     examples = eval_sets.casehold(limit=args.rows).items
     best = {"ours": float("inf"), "lm-eval": float("inf")}
     with lm_eval_bridge.local_task_dir() as include:
-        manager = lm_eval_bridge.task_manager(include)
+        manager = lm_eval_bridge.task_manager(include, [TASK])
         for _ in range(args.repeat):
             began = time.perf_counter()
             ours = score_choices(model, tokenizer, examples, batch_size=args.batch_size, progress=False)

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
 
     out = cli.resolve_out(args.out or DEFAULT_OUT.format(name=Path(args.pruned_model.rstrip("/")).name or "model"))
     with lm_eval_bridge.local_task_dir(args.data_dir) as include:
-        manager = lm_eval_bridge.task_manager(include)
+        manager = lm_eval_bridge.task_manager(include, tasks)
         lm_eval_bridge.check_tasks(tasks, manager)
         loaded = load_models(args)
         result = lm_eval_bridge.run_lm_eval(loaded.model, loaded.tokenizer, tasks, manager, limit=args.limit,

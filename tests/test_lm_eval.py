@@ -24,8 +24,9 @@ def test_lm_eval_equals_our_evaluator_on_casehold_local(embedded_model):
     # Same tokenization on both sides: lm-eval adds special tokens as the tokenizer does; ours adds none.
     assert tokenizer("holding").input_ids == tokenizer("holding", add_special_tokens=False).input_ids
     with lm_eval_bridge.local_task_dir() as include:
-        result = lm_eval_bridge.run_lm_eval(model, tokenizer, ["casehold_local"], lm_eval_bridge.task_manager(include),
-                                            limit=ROWS, batch_size=4, log_samples=True)
+        manager = lm_eval_bridge.task_manager(include, ["casehold_local"])
+        result = lm_eval_bridge.run_lm_eval(model, tokenizer, ["casehold_local"], manager, limit=ROWS, batch_size=4,
+                                            log_samples=True)
     samples = sorted(result["samples"]["casehold_local"], key=lambda s: s["doc_id"])
     theirs = [[ll for ll, _ in sample["filtered_resps"]] for sample in samples]
 

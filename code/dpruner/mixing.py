@@ -32,6 +32,8 @@ from dpruner.io import atomic_path
 
 PROPORTIONS_CSV = "domain_proportions.csv"
 PROPORTIONS_PLOT = "domain_proportions.png"
+# Ours: step s of seed k draws from generator k * stride + s, so runs with nearby seeds share no generator.
+DRAW_SEED_STRIDE = 1_000_003
 
 
 def domain_training_texts(config, name: str) -> list[str]:
@@ -102,7 +104,7 @@ def draw_domain(proportions: Sequence[float], seed: int, step: int) -> int:
     """The domain of optimizer step `step` (from 1): one draw from the step's own generator."""
     if len(proportions) == 1:
         return 0
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    generator = torch.Generator().manual_seed(seed * DRAW_SEED_STRIDE + step)
     return int(torch.multinomial(torch.tensor(proportions, dtype=torch.float64), 1, generator=generator))
 
 

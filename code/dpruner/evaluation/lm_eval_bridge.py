@@ -57,10 +57,11 @@ def _write_tasks(folder: Path, base: Path) -> Path:
     return folder
 
 
-def task_manager(include_dir: Path):
+def task_manager(include_dir: Path, tasks: Sequence[str]):
+    """lm-eval's task index; its built-in tasks (thousands of YAMLs, seconds to index) only when needed."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(include_dir))
+    return TaskManager(include_path=str(include_dir), include_defaults=not set(tasks) <= set(local_tasks()))
 
 
 def check_tasks(tasks: Sequence[str], manager) -> None:

@@ -43,6 +43,23 @@ def test_lm_eval_equals_our_evaluator_on_casehold_local(embedded_model):
     assert result["results"]["casehold_local"]["acc_norm,none"] == pytest.approx(acc_norm)
 
 
+@pytest.mark.parametrize("task,load", [("casehold_local", eval_sets.casehold), ("pubmedqa_local", eval_sets.pubmedqa)])
+def test_local_task_prompts_are_our_evaluators_prompts(task, load):
+    """Every row: lm-eval's context, delimiter + choices and target are our ChoiceExample's."""
+    from lm_eval.tasks import get_task_dict
+
+    with lm_eval_bridge.local_task_dir() as include:
+        loaded = get_task_dict([task], lm_eval_bridge.task_manager(include, [task]))[task]
+        docs = list(loaded.test_docs())
+    examples = load(limit=None).items
+    assert len(docs) == len(examples)
+    delimiter = loaded.config.target_delimiter
+    for doc, example in zip(docs, examples):
+        assert loaded.doc_to_text(doc) == example.context
+        assert tuple(delimiter + choice for choice in loaded.doc_to_choice(doc)) == example.candidates
+        assert loaded.doc_to_target(doc) == example.label
+
+
 def test_local_tasks_follow_the_data_root(tmp_path):
     root = tmp_path / "data"
     for name in ("legal/casehold_test.txt", "medical/pubMedQA_test.jsonl"):

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from dpruner.dro import DroSettings, DroState, dro_update
+from dpruner.dro import DroSettings, DroState, LossEma, dro_update
 from dpruner.errors import DPrunerError
 
 EXACT = DroSettings(min_prob=0.0, clamp_to_min_proportion=False, tol=1e-12)  # the unclamped DRO problem
@@ -89,15 +89,19 @@ def test_equal_excess_keeps_p_and_negative_excess_backs_off_the_reference():
     assert np.max(np.subtract([1.0, 1.5, 1.2], np.multiply([2.0] * 3, result.reference_scale))) >= 0
 
 
-def test_state_updates_from_ema_losses_and_smooths_the_centre():
-    state = DroState([0.5, 0.5], [1.0, 1.0], DroSettings(), ema=0.1, smoothing=0.1)
-    state.observe(0, 2.0)
-    assert state.update() is None  # domain 1 has no loss yet
-    state.observe(1, 1.5)
-    state.observe(0, 3.0)
-    assert state.losses == [pytest.approx(0.9 * 2.0 + 0.1 * 3.0), 1.5]
-    result = state.update()
-    assert result.proportions[0] > 0.5
+def test_ema_starts_at_the_first_loss_and_skips_non_finite_ones():
+    ema = LossEma(2, ema=0.1)
+    ema.observe(0, 2.0)
+    ema.observe(0, math.inf)  # a skipped fp16 step
+    ema.observe(0, 3.0)
+    assert ema.values == [pytest.approx(0.9 * 2.0 + 0.1 * 3.0), None]
+
+
+def test_state_waits_for_every_domain_and_smooths_the_centre():
+    state = DroState([0.5, 0.5], [1.0, 1.0], DroSettings(), smoothing=0.1)
+    assert state.update([2.0, None]) is None
+    result = state.update([2.1, 1.5])
+    assert result.proportions[0] > 0.5 and state.proportions.tolist() == result.proportions
     expected_centre = 0.9 * np.array([0.5, 0.5]) + 0.1 * np.asarray(result.proportions)
     np.testing.assert_allclose(state.centre, expected_centre / expected_centre.sum())
     restored = DroState([0.5, 0.5], [1.0, 1.0], DroSettings())

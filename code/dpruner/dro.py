@@ -146,33 +146,21 @@ class LossEma:
 
 
 class DroState:
-    """Running per-domain losses and the proportions they give, updated every `update_interval` steps."""
+    """The centre p and current proportions of a run; `update(losses)` applies DRPruning's step."""
 
     def __init__(self, proportions: Sequence[float], reference: Sequence[float], settings: DroSettings,
-                 ema: float = DEFAULT_EMA, smoothing: float | None = None) -> None:
+                 smoothing: float | None = None) -> None:
         self.centre = _check_vector("proportions", proportions)
         self.proportions = self.centre.copy()
         self.reference = _check_vector("reference losses", reference, len(self.centre))
         self.settings = settings
         self.smoothing = smoothing
-        self.running = LossEma(len(self.centre), ema)
 
-    @property
-    def losses(self) -> list[float | None]:
-        return self.running.values
-
-    def observe(self, domain: int, loss: float) -> None:
-        self.running.observe(domain, loss)
-
-    def set_losses(self, losses: Sequence[float]) -> None:
-        """Held-out losses replace the running ones (the callback's use_eval)."""
-        self.running.values = list(_check_vector("validation losses", losses, len(self.centre)))
-
-    def update(self) -> DroUpdate | None:
-        """New proportions, or None while some domain has no loss yet."""
-        if any(loss is None for loss in self.losses):
+    def update(self, losses: Sequence[float | None]) -> DroUpdate | None:
+        """New proportions from per-domain losses, or None while some domain has no loss yet."""
+        if any(loss is None for loss in losses):
             return None
-        result = dro_update(self.losses, self.reference, self.centre, self.settings)
+        result = dro_update(losses, self.reference, self.centre, self.settings)
         self.proportions = np.asarray(result.proportions)
         if self.smoothing:
             self.centre = (1 - self.smoothing) * self.centre + self.smoothing * self.proportions
@@ -180,9 +168,8 @@ class DroState:
         return result
 
     def state_dict(self) -> dict:
-        return {"centre": self.centre.tolist(), "proportions": self.proportions.tolist(), "losses": self.losses}
+        return {"centre": self.centre.tolist(), "proportions": self.proportions.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
         self.centre = np.asarray(state["centre"], dtype=np.float64)
         self.proportions = np.asarray(state["proportions"], dtype=np.float64)
-        self.running.values = list(state["losses"])

@@ -159,7 +159,7 @@ class DomainMixture:
         if self.config.domain_mixing == "dro":
             reference = self.config.dro_reference_losses or self.dense_losses
             settings = DroSettings(rho=self.config.dro_rho, min_prob=self.config.dro_min_prob)
-            self.dro = DroState(self.initial, reference, settings, self.config.dro_ema, self.config.dro_smoothing)
+            self.dro = DroState(self.initial, reference, settings, self.config.dro_smoothing)
             if state:
                 self.dro.load_state_dict(state["dro"])
         if not self.log_rows:
@@ -192,14 +192,11 @@ class DomainMixture:
         self.steps_drawn[self.current] += 1
         loss = _mean_over_ranks(loss)
         self.train_loss.observe(self.current, loss)
-        if self.dro is None:
+        if self.dro is None or self.step % self.config.dro_update_interval:
             return
-        self.dro.observe(self.current, loss)
-        if self.step % self.config.dro_update_interval == 0:
-            if self.config.dro_loss == "validation":
-                self.dro.set_losses(self.held_out_losses())
-            if self.dro.update() is not None:
-                self._log(self.dro.losses)
+        losses = self.held_out_losses() if self.config.dro_loss == "validation" else list(self.train_loss.values)
+        if self.dro.update(losses) is not None:
+            self._log(losses)
 
     def held_out_losses(self) -> list[float]:
         """Each domain's held-out loss (the same data on every rank)."""
@@ -223,7 +220,7 @@ class DomainMixture:
     def write_log(self) -> tuple[Path, Path]:
         """The final row of the proportions CSV, and its plot (rank 0, atomic writes)."""
         if self.log_rows[-1]["step"] != self.step:
-            self._log(self.dro.losses if self.dro else self.train_loss.values)
+            self._log(self.train_loss.values)
         plot_path = self.log_dir / PROPORTIONS_PLOT
         plot_proportions(self.log_rows, self.names, plot_path, self.config.domain_mixing)
         return self.log_dir / PROPORTIONS_CSV, plot_path

@@ -9,6 +9,7 @@ against the repository root first, then the config file's folder — never the c
 from __future__ import annotations
 
 import difflib
+import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -44,6 +45,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "importance_accumulate": ("every_step", "upstream"),
     "general_importance_dtype": ("bfloat16", "float32"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "domain_mixing": ("constant", "dro"),
+    "dro_loss": ("train", "validation"),
 }
 
 
@@ -83,6 +86,18 @@ class TrainConfig:
     mednli_file: str | None = None  # MedNLI `mli_train_v1.jsonl` (credentialed; user-supplied)
     hqs_examples: int | None = 200  # medical: first 200 HQS rows
     max_steps: int | None = None  # stop after this many optimizer steps (quick runs, benchmarks)
+    # --- several domains at once (ours, after DRPruning; dpruner/mixing.py, dpruner/dro.py, docs/CONFIG.md) ---
+    domains: list[str] | None = None  # null = the single `domain`; else these domains, batches drawn by proportion
+    domain_proportions: list[float] | None = None  # initial sampling proportions (null = equal); normalised
+    domain_mixing: str = "constant"  # constant | dro: DRPruning's update of the proportions
+    domain_eval_examples: int = 16  # ours: per domain, held out of training for the reference and the result
+    dro_update_interval: int = 10  # ours: optimizer steps between DRO updates
+    dro_loss: str = "train"  # train: EMA of the training loss | validation: the held-out loss (DRPruning use_eval)
+    dro_reference_losses: list[float] | None = None  # null = the dense model's held-out loss per domain
+    dro_rho: float = 0.05  # DRPruningCallback rho (radius of the chi-square ball)
+    dro_ema: float = 0.1  # DRPruningCallback ema (weight of the newest loss)
+    dro_min_prob: float = 0.2  # DRPruningCallback min_prob (lower clamp of q/p)
+    dro_smoothing: float | None = None  # DRPruning dynamic_proportion: centre p <- (1-s) p + s q with s=0.1; null = off
     # --- D-Pruner (names ours; values from the paper / original code) ---
     # anchor: exact gradient of lambda*sum G(W-W0)^2 | grad_penalty: exact gradient of lambda*eta^2*sum G g^2
     # (Hessian-vector product) | squared_grad: +2*lambda*eta^2*G*g^2 (not a gradient; formerly "paper")
@@ -133,6 +148,7 @@ class TrainConfig:
                 raise DPrunerError(f"{where}: {key} must be positive or null, got {value}")
             if value is not None and value < 0:
                 raise DPrunerError(f"{where}: {key} must be >= 0 or null, got {value}")
+        self._validate_domains(where)
         if self.importance_accumulate == "upstream" and not self.clip_grad_norm:
             raise DPrunerError(f"{where}: importance_accumulate=upstream needs clip_grad_norm "
                                "(the original accumulates in the norm pass of two-pass clipping)")
@@ -155,6 +171,39 @@ class TrainConfig:
             if value and not Path(value).is_file():
                 raise DPrunerError(f"{where}: {key} {value} does not exist")
         return self
+
+    def _validate_domains(self, where: str) -> None:
+        """The multi-domain keys (dpruner/mixing.py)."""
+        if self.domains is not None:
+            if not self.domains or len(set(self.domains)) != len(self.domains):
+                raise DPrunerError(f"{where}: domains={self.domains}; expected a non-empty list without repeats")
+            for name in self.domains:
+                if name not in DOMAINS:
+                    raise DPrunerError(f"{where}: domains: {name!r}; expected names from {', '.join(DOMAINS)}")
+        count = len(self.domains or [self.domain])
+        for key in ("domain_proportions", "dro_reference_losses"):
+            values = getattr(self, key)
+            if values is not None and len(values) != count:
+                raise DPrunerError(f"{where}: {key} has {len(values)} values for {count} domain(s)")
+        if self.domain_proportions is not None and not all(math.isfinite(v) and v > 0 for v in self.domain_proportions):
+            raise DPrunerError(f"{where}: domain_proportions={self.domain_proportions}; expected positive numbers")
+        if self.dro_reference_losses is not None and not all(map(math.isfinite, self.dro_reference_losses)):
+            raise DPrunerError(f"{where}: dro_reference_losses={self.dro_reference_losses}; expected finite numbers")
+        if self.domains is None and (self.domain_mixing != "constant" or self.domain_proportions is not None):
+            raise DPrunerError(f"{where}: domain_mixing / domain_proportions need `domains: [...]`")
+        checks = {"domain_eval_examples": self.domain_eval_examples >= 0,
+                  "dro_update_interval": self.dro_update_interval >= 1, "dro_rho": self.dro_rho >= 0,
+                  "dro_ema": 0 < self.dro_ema <= 1, "dro_min_prob": 0 <= self.dro_min_prob <= 1,
+                  "dro_smoothing": self.dro_smoothing is None or 0 < self.dro_smoothing <= 1}
+        for key, ok in checks.items():
+            value = getattr(self, key)
+            if not ok or (isinstance(value, float) and not math.isfinite(value)):
+                raise DPrunerError(f"{where}: {key}={value} out of range (see docs/CONFIG.md)")
+        if self.domain_mixing == "dro" and self.dro_loss == "validation" and not self.domain_eval_examples:
+            raise DPrunerError(f"{where}: dro_loss=validation needs domain_eval_examples > 0")
+        if self.domain_mixing == "dro" and not self.dro_reference_losses and not self.domain_eval_examples:
+            raise DPrunerError(f"{where}: domain_mixing=dro needs dro_reference_losses or domain_eval_examples > 0 "
+                               "(the dense model's held-out loss is the default reference)")
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "config_path"}
@@ -184,6 +233,11 @@ def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
         if optional:
             return None
         raise DPrunerError(f"{where}: {key} must not be null")
+    if get_origin(base) is list:
+        if not isinstance(value, list):
+            raise DPrunerError(f"{where}: {key}={value!r} must be a list, e.g. [a, b]")
+        (item,) = get_args(base)
+        return [_coerce(f"{key}[{index}]", entry, item, where) for index, entry in enumerate(value)]
     if base is bool:
         if isinstance(value, bool):
             return value

@@ -31,6 +31,7 @@ from dpruner.importance import (DOUBLE_BACKWARD_ATTENTION, DualImportance, Impor
 from dpruner.io import atomic_dir, load_score_layers, read_json, save_score_folder, write_json
 from dpruner.lomo import DynamicLossScaler, Lomo
 from dpruner.loss import causal_lm_loss, check_chunked_loss
+from dpruner.mixing import DomainMixture
 from dpruner.models import load_tokenizer, resolve_dtype, resolve_model
 
 STATE_FILE = "trainer_state.json"
@@ -206,6 +207,8 @@ class Stage2:
             self.state.update(epochs_done=epoch, loss_scale=self.lomo.loss_scale if self.scaler else None,
                               last_update_lr=self.lomo.last_update_lr,
                               previous_step_updated=self.lomo.previous_step_updated)
+            if self.mixture:
+                self.state["mixture"] = self.mixture.state_dict()
             write_json(self.out / STATE_FILE, self.state)
             for older in sorted((self.out / "epochs").glob("epoch_*")):
                 if older != folder:
@@ -229,7 +232,10 @@ class Stage2:
         began = time.time()
         resumed_from = self.state["epochs_done"]
         self.tokenizer = load_tokenizer(config.model_name_or_path)
-        dataset = TokenizedTexts(self.tokenizer, domain_texts(config), config.data_max_length)
+        pad_id = self.tokenizer.pad_token_id
+        self.mixture = (DomainMixture(config, lambda texts: TokenizedTexts(self.tokenizer, texts, config.data_max_length),
+                                      lambda b: collate(b, pad_id), rt.rank, rt.world_size) if config.domains else None)
+        dataset = None if self.mixture else TokenizedTexts(self.tokenizer, domain_texts(config), config.data_max_length)
         source = (str(self._epoch_dir(resumed_from) / "checkpoint") if resumed_from
                   else resolve_model(config.model_name_or_path))
         self.model = self._load_model(source)
@@ -260,12 +266,16 @@ class Stage2:
         self.lomo.step = self.state["global_step"]
         self.lomo.previous_step_updated = self.state["previous_step_updated"]
 
-        sampler = DistributedSampler(dataset, num_replicas=rt.world_size, rank=rt.rank, shuffle=True,
-                                     seed=config.seed, drop_last=False)
-        pad_id = self.tokenizer.pad_token_id
-        loader = DataLoader(dataset, batch_size=config.per_device_train_batch_size, sampler=sampler,
-                            collate_fn=lambda b: collate(b, pad_id))
-        total_steps = len(loader) * config.num_train_epochs
+        if self.mixture:
+            self.mixture.start(self._forward, self.state.get("mixture"), self.out if rt.is_main else None)
+            steps_per_epoch = self.mixture.batches.steps_per_epoch
+        else:
+            sampler = DistributedSampler(dataset, num_replicas=rt.world_size, rank=rt.rank, shuffle=True,
+                                         seed=config.seed, drop_last=False)
+            loader = DataLoader(dataset, batch_size=config.per_device_train_batch_size, sampler=sampler,
+                                collate_fn=lambda b: collate(b, pad_id))
+            steps_per_epoch = len(loader)
+        total_steps = steps_per_epoch * config.num_train_epochs
         if config.max_steps:
             total_steps = min(total_steps, config.max_steps)
         log_path = self.out / "train_log.jsonl"
@@ -274,13 +284,17 @@ class Stage2:
         for epoch in range(resumed_from, config.num_train_epochs):
             if self.state["global_step"] >= total_steps:
                 break
-            sampler.set_epoch(epoch)
-            for batch in loader:
+            if not self.mixture:
+                sampler.set_epoch(epoch)
+            for batch in self.mixture.epoch() if self.mixture else loader:
                 if self.state["global_step"] >= total_steps:
                     break
                 step = self.state["global_step"] + 1
                 lr = lr_at(step, total_steps, config.learning_rate, config.warmup, config.lr_scheduler_type)
                 record = self._train_step(batch, lr)
+                if self.mixture:
+                    self.mixture.after_step(record["loss"])
+                    record["domain"] = self.mixture.names[self.mixture.current]
                 self.state["global_step"] = step
                 bar.update(1)
                 if rt.is_main and step % config.logging_steps == 0:
@@ -297,10 +311,16 @@ class Stage2:
         final = self.out / "importance"
         self._save_importance(final, last_epoch)
         summary = {"importance": str(final), "epochs": last_epoch, "global_step": self.state["global_step"],
-                   "examples": len(dataset), "world_size": rt.world_size, "deepspeed": bool(config.deepspeed),
+                   "examples": self.mixture.examples if self.mixture else len(dataset),
+                   "world_size": rt.world_size, "deepspeed": bool(config.deepspeed),
                    "zero3": self.zero3, "dtype": str(self.dtype).replace("torch.", ""),
                    "device": str(rt.device), "seconds": round(time.time() - began, 2),
                    "resumed_from_epoch": resumed_from, "versions": versions()}
+        if self.mixture:
+            summary.update(self.mixture.summary())
+            if rt.is_main:
+                csv_path, plot_path = self.mixture.write_log()
+                summary.update(proportions_csv=str(csv_path), proportions_plot=str(plot_path))
         if rt.is_main:
             self.state["complete"] = True
             write_json(self.out / STATE_FILE, self.state)

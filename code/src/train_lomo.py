@@ -9,6 +9,12 @@ Every YAML key can be overridden as key=value (e.g. max_steps=4 general_importan
 Relative paths in the config resolve against the repository root, then the config file's folder.
 Writes OUTPUT_DIR/importance (per-layer safetensors + manifest) for stage 3, and per-epoch checkpoints
 that a rerun resumes from.
+
+Several domains at once (DRPruning's DRO mixing), e.g. config/args_lomo_domains.yaml:
+  domains=[legal,medical] domain_proportions=null domain_mixing=constant|dro domain_eval_examples=16
+  dro_update_interval=10 dro_loss=train|validation dro_reference_losses=null dro_rho=0.05 dro_ema=0.1
+  dro_min_prob=0.2 dro_smoothing=null
+Every key with its default and origin: docs/CONFIG.md.
 """
 
 from __future__ import annotations

@@ -47,10 +47,15 @@ class ChoiceScores:
     scores: list[list[float]]  # [example][candidate] mean log-probability of the candidate tokens
     prefix_mismatches: int  # pairs whose joint tokenization does not start with the context's tokens
     truncated: int  # examples cut from the left to fit max_length
+    token_counts: list[list[int]]  # [example][candidate] scored tokens (mean * count = summed log-probability)
 
     @property
     def predictions(self) -> list[int]:
         return [first_argmax(row) for row in self.scores]
+
+    def summed(self) -> list[list[float]]:
+        """Summed candidate log-probabilities (lm-evaluation-harness's `acc` ranks by these)."""
+        return [[mean * count for mean, count in zip(row, counts)] for row, counts in zip(self.scores, self.token_counts)]
 
 
 def first_argmax(values: Sequence[float]) -> int:
@@ -118,6 +123,7 @@ def score_choices(model: nn.Module, tokenizer, examples: Sequence[ChoiceExample]
     device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores: list[list[float]] = []
+    counts: list[list[int]] = []
     mismatches = truncated = 0
     for example in tqdm(examples, desc="choices", unit="example", disable=not progress):
         item, example_mismatches, was_cut = _tokenize(tokenizer, example, max_length)
@@ -132,4 +138,5 @@ def score_choices(model: nn.Module, tokenizer, examples: Sequence[ChoiceExample]
             row.extend(_candidate_means(model, item, range(start, min(start + batch_size, len(example.candidates))),
                                         cache, pad))
         scores.append(row)
-    return ChoiceScores(scores, mismatches, truncated)
+        counts.append([len(tokens) - start for tokens, start in zip(item.continuations, item.starts)])
+    return ChoiceScores(scores, mismatches, truncated, counts)

@@ -10,8 +10,10 @@ Example: python code/make_tables.py outputs/legal/eval --domain legal --md outpu
 from __future__ import annotations
 
 from dpruner import cli
+from dpruner.guard import Output, protect
 from dpruner.io import atomic_path
 from dpruner.tables import COLUMNS, build_table, load_results, to_csv, to_markdown
+from dpruner.validate import check_results
 
 
 def main(argv=None) -> int:
@@ -24,7 +26,12 @@ def main(argv=None) -> int:
     parser.add_argument("--csv", default=None, help="also write the table as CSV (one row per cell) here")
     args = parser.parse_args(argv)
     labels = [label.strip() for label in args.labels.split(",")] if args.labels else None
-    table = build_table(load_results(cli.resolve_out(args.results)), args.domain, labels)
+    folder = cli.resolve_out(args.results)
+    protect([Output("--md", cli.resolve_out(args.md), folder=False), Output("--csv", cli.resolve_out(args.csv), folder=False)],
+            {"results folder": folder})
+    results = load_results(folder)
+    check_results(folder, results, args.domain)
+    table = build_table(results, args.domain, labels)
     markdown = to_markdown(table)
     for path, text in ((args.md, markdown), (args.csv, to_csv(table))):
         if path:

@@ -9,6 +9,7 @@ against the repository root first, then the config file's folder — never the c
 from __future__ import annotations
 
 import difflib
+import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,6 +19,7 @@ import yaml
 
 from dpruner.errors import DPrunerError
 from dpruner.paths import REPO_ROOT
+from dpruner.validate import load_yaml
 
 # Keys of the original config that configure nothing here (HF Trainer leftovers, LOMO leftovers,
 # `llama_type` whose shapes we read from the model, the tokenization cache keys).
@@ -98,6 +100,9 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         where = self.config_path or "config"
+        for key, value in self.to_dict().items():  # also for configs built in code, not read from YAML
+            if isinstance(value, float) and not math.isfinite(value):
+                raise DPrunerError(f"{where}: {key}={value} must be a finite number")
         for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise DPrunerError(f"{where}: {key}={getattr(self, key)!r}; expected one of {', '.join(allowed)}")
@@ -175,14 +180,17 @@ def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
             return value
         raise DPrunerError(f"{where}: {key}={value!r} must be an integer")
     if base is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise DPrunerError(f"{where}: {key}={value!r} must be a number")
+        if number is None or not math.isfinite(number):
+            raise DPrunerError(f"{where}: {key}={value!r} must be a finite number")
+        return number
     if base is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -207,12 +215,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path).expanduser()
     if not path.is_file():
         raise DPrunerError(f"config file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise DPrunerError(f"{path}{line}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    raw = load_yaml(path) or {}
     if not isinstance(raw, dict):
         raise DPrunerError(f"{path}: expected a mapping of key: value, got {type(raw).__name__}")
     for text in overrides:

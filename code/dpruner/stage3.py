@@ -121,7 +121,7 @@ def prune_from_scores(model_name: str, importance: str | Path, out: str | Path, 
     """Load the original model, mask it with `importance`, save it with pruning_report.json."""
     check_options(sparsity, scope, blocks, pattern)
     out = check_output_dir(out, overwrite)
-    protect([Output("output", out)], model_inputs(model_name, importance=importance))
+    protect([Output("output", out)], model_inputs(model_name, **{"importance folder": importance}))
     scores = ScoreSet.open(importance)
     check_same_model(scores.manifest, scores.folder, model_name, allow_other_model)
     resolved = resolve_model(model_name)

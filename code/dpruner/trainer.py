@@ -112,6 +112,7 @@ class Stage2:
         self.fingerprint = fingerprint(config.model_name_or_path)
         self.state = self._initial_state()
         self._loss_checked = False
+        self._steps_before = 0  # importance steps accumulated before the epoch this run resumed from
 
     # ---------- output folder and resume ----------
     def _initial_state(self) -> dict[str, Any]:
@@ -200,7 +201,7 @@ class Stage2:
         save_score_folder(folder, self.importance.layer_scores(num_layers), kind="dual_importance",
                           model=self.config.model_name_or_path, settings=identity(self.config),
                           extra={"epochs": epoch, "global_step": self.state["global_step"],
-                                 "steps_accumulated": len(self.importance.steps_accumulated),
+                                 "steps_accumulated": self._steps_before + len(self.importance.steps_accumulated),
                                  FINGERPRINT_KEY: self.fingerprint})
 
     def _save_epoch(self, epoch: int) -> None:
@@ -257,6 +258,8 @@ class Stage2:
                 shutil.rmtree(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(dump_config(config))
+            if not resumed_from:  # from now on a rerun of this config resumes here, even if killed at once
+                write_json(self.out / STATE_FILE, self.state)
         rt.barrier()
         self.scaler = DynamicLossScaler(self.state["loss_scale"] or config.initial_loss_scale) \
             if self.dtype == torch.float16 else None
@@ -350,6 +353,7 @@ class Stage2:
 
     def _restore_importance(self, folder: Path) -> None:
         layers = load_score_layers(folder)
+        self._steps_before = int(ScoreSet.open(folder).manifest.get("steps_accumulated", 0))
         for name, (index, module) in self.importance.targets.items():
             self.importance.scores[name].copy_(layers[index][module])
 

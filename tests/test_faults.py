@@ -10,11 +10,15 @@ the writes an uninterrupted run makes, counted in-process.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
 import shutil
 import signal
+import stat
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,9 +28,10 @@ import pytest
 import torch
 
 import dpruner.io
-from conftest import error_line, run_cli, save_tiny_llama
+from conftest import REPO, error_line, run_cli, save_tiny_llama
 from dpruner.errors import DPrunerError
-from dpruner.io import FAULT_AT_WRITE_ENV, load_score_layers
+from dpruner.io import FAULT_AT_WRITE_ENV, TEMP_MARK, load_score_layers, write_json
+from dpruner.paths import data_dir
 from dpruner.models import load_model
 from dpruner.trainer import KILL_AFTER_EPOCH_ENV
 from reliability import debris, run_inprocess, snapshot, write_scores
@@ -113,6 +118,7 @@ def test_interrupt_then_kill_then_rerun_gives_the_same_bytes(name, inputs, tmp_p
     where = f"seed {SEED}, {writes} writes, SIGINT at write {first}"
     interrupted, _ = _inprocess(capsys, monkeypatch, argv, f"{first}:INT")
     assert interrupted.returncode == 130 and "interrupted" in interrupted.stderr, (where, interrupted.stderr)
+    assert [p for p in debris(tmp_path) if TEMP_MARK in p.name] == [], where  # an interrupt cleans up at once
     second = rng.randint(1, max(1, writes - first))
     where += f", SIGKILL at write {second}"
     killed = run_cli(*argv, env={FAULT_AT_WRITE_ENV: f"{second}:KILL", "OMP_NUM_THREADS": "1"})
@@ -188,3 +194,46 @@ def test_damaged_stage2_checkpoint_on_resume_is_one_line(damage, inputs, killed_
     line = error_line(run_inprocess(capsys, *_stage2_args(model, scores, general, out)))
     assert "model.safetensors" in line and ("truncated" in line if damage == "truncate" else "sha256" in line), line
     assert snapshot(out) == before
+
+
+def test_failed_run_removes_the_empty_folders_it_created(inputs, tmp_path, capsys, monkeypatch):
+    _, model, scores, general = inputs
+    out = tmp_path / "new" / "deeper" / "scores"
+    result, _ = _inprocess(capsys, monkeypatch, STAGES["stage1"].argv(model, scores, general, out), "1:INT")
+    assert result.returncode == 130
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_temporaries_of_dead_processes_are_removed_live_ones_kept(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale_file = tmp_path / f".result.json{TEMP_MARK}{dead_pid}-abc.tmp"
+    stale_dir = tmp_path / f".result.json{TEMP_MARK}{dead_pid}-def.tmp"
+    live = tmp_path / f".result.json{TEMP_MARK}{os.getpid()}-ghi.tmp"
+    other_target = tmp_path / f".other.json{TEMP_MARK}{dead_pid}-jkl.tmp"
+    stale_file.write_text("half")
+    stale_dir.mkdir()
+    live.write_text("in use")
+    other_target.write_text("not this target's")
+    write_json(tmp_path / "result.json", {"ok": True})
+    assert not stale_file.exists() and not stale_dir.exists()
+    assert live.exists() and other_target.exists()
+
+
+def test_prepared_data_files_get_ordinary_permissions(tmp_path):
+    prepare = _load_prepare()
+    entry = next(e for e in prepare.load_manifest() if e["name"] == "hqs_test")
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"files": [entry]}))
+    (placed,) = prepare.prepare(tmp_path / "data", data_dir(), manifest=manifest, log=lambda _: None)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(placed.stat().st_mode) == 0o666 & ~umask
+    assert debris(tmp_path) == []
+
+
+def _load_prepare():
+    spec = importlib.util.spec_from_file_location("prepare", REPO / "legal_pruning_data" / "prepare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -347,8 +347,12 @@ class ScoreWriter:
 
     def save_layer(self, layer: int, sink: StreamingSafetensors,
                    resume: Mapping[str, torch.Tensor] | None = None) -> None:
-        if resume is not None:
-            save_tensors(self.folder / RESUME_DIR / f"layer_{layer:03d}.safetensors", resume)
+        try:
+            if resume is not None:
+                save_tensors(self.folder / RESUME_DIR / f"layer_{layer:03d}.safetensors", resume)
+        except BaseException:  # interrupted: the layer's half-made score file must not stay behind
+            sink.abort()
+            raise
         sink.commit()
         self.checksums[sink.target.name] = sha256_file(sink.target)
         self.layers_done = layer + 1

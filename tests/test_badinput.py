@@ -159,6 +159,8 @@ CASES: dict[str, tuple[Callable[[World, Path], list], str]] = {
     "stage2_output_contains_general": (lambda w, t: stage2(w, w.root, overwrite_output_dir="true"), "contains the"),
     "tables_md_is_result": (lambda w, t: ["make_tables.py", w.results, "--domain", "legal", "--md",
                                           w.results / "dense" / "casehold.json"], "lies inside the results folder"),
+    "analysis_out_inside_scores": (lambda w, t: ["analyze_masks.py", f"a={w.scores}", "--out", w.scores / "sub"],
+                                   "lies inside the source 'a'"),
     # --- the output location, checked before any heavy work ---
     "stage1_out_is_file": (lambda w, t: ["general.py", w.model, "c4", "--out", file_at(t), "--overwrite"], "is a file"),
     "baseline_out_below_file": (lambda w, t: ["prune_baseline.py", "magnitude", w.model, file_at(t) / "sub"],

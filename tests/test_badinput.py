@@ -118,6 +118,29 @@ def bad_utf8_data(t: Path, name: str = "casehold_test", bad_line: int = 2) -> Pa
     return root
 
 
+def pickled_score_layout(t: Path) -> Path:
+    """The original's Q/K/V/O/Gate/Up/Down/<layer>.pt layout whose first file pickles a non-tensor object."""
+    from argparse import Namespace
+
+    from dpruner.io import UPSTREAM_DUAL_DIRS
+
+    folder = t / "upstream"
+    for short in UPSTREAM_DUAL_DIRS:
+        (folder / short).mkdir(parents=True)
+        for layer in range(3):
+            torch.save(torch.zeros(1), folder / short / f"{layer}.pt")
+    torch.save(Namespace(code="not a tensor"), folder / "Q" / "0.pt")
+    return folder
+
+
+def short_casehold(t: Path) -> Path:
+    relative = manifest_entries()["casehold_train"]["path"]
+    path = t / relative
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"".join((data_dir() / relative).read_bytes().splitlines(keepends=True)[:2]))
+    return path
+
+
 def result_file(w: World, t: Path, content) -> Path:
     folder = t / "results"
     shutil.copytree(w.results, folder)
@@ -161,6 +184,8 @@ CASES: dict[str, tuple[Callable[[World, Path], list], str]] = {
                                           w.results / "dense" / "casehold.json"], "lies inside the results folder"),
     "analysis_out_inside_scores": (lambda w, t: ["analyze_masks.py", f"a={w.scores}", "--out", w.scores / "sub"],
                                    "lies inside the source 'a'"),
+    "pickled_object_in_pt_scores": (lambda w, t: ["save_model.py", w.model, pickled_score_layout(t), t / "p"],
+                                    "0.pt: cannot be read as a plain tensor file"),
     # --- the output location, checked before any heavy work ---
     "stage1_out_is_file": (lambda w, t: ["general.py", w.model, "c4", "--out", file_at(t), "--overwrite"], "is a file"),
     "baseline_out_below_file": (lambda w, t: ["prune_baseline.py", "magnitude", w.model, file_at(t) / "sub"],
@@ -247,3 +272,11 @@ def test_bad_input_gives_one_line_and_changes_nothing(case, world, tmp_path, cap
     assert expected in line, line
     assert snapshot(world.root, tmp_path) == before
     assert {p for p in tmp_path.rglob("*")} <= entries_before, "a failed run left new files or folders"
+
+
+def test_short_casehold_file_warns_like_billsum_and_pubmedqa(tmp_path, capsys):
+    from dpruner.data.domain import casehold_texts
+
+    texts = casehold_texts(short_casehold(tmp_path), 500)
+    assert len(texts) == 2
+    assert "CaseHOLD (train.txt): 500 examples requested, only 2 available" in capsys.readouterr().err

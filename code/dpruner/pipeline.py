@@ -194,12 +194,12 @@ def prune_with_method(model_name: str, method: PruningMethod, calibration: Calib
                               true_sequential=true_sequential)
     result: dict[str, Any] = {"model": model_name, "settings": settings, "seconds": round(time.time() - began, 2),
                               "this_run": summary.as_dict(), "versions": versions()}
-    if writer is not None:
-        writer.finish(summary=result)
-        result["scores"] = str(writer.folder)
-    if save_pruned:
+    if save_pruned:  # before the scores are marked complete, so a failed save resumes instead of refusing
         report = {"method": method.name, "base_model": model_name, "settings": settings,
                   "scores": str(scores_out) if scores_out else None}
         save_pruned_model(model, tokenizer, save_pruned, report)
         result["pruned_model"] = str(save_pruned)
+    if writer is not None:
+        writer.finish(summary=result)
+        result["scores"] = str(writer.folder)
     return result

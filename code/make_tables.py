@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     labels = [label.strip() for label in args.labels.split(",")] if args.labels else None
     folder = cli.resolve_out(args.results)
-    protect([Output("--md", cli.resolve_out(args.md), folder=False), Output("--csv", cli.resolve_out(args.csv), folder=False)],
+    protect([Output(f"--{kind}", cli.resolve_out(getattr(args, kind)), folder=False) for kind in ("md", "csv")],
             {"results folder": folder})
     results = load_results(folder)
     check_results(folder, results, args.domain)

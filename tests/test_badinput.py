@@ -157,7 +157,8 @@ PPL = "legal_perplexity_evaluation.py"
 # name: (argv builder (world, case folder) -> [script, *args], text the one error line must contain)
 CASES: dict[str, tuple[Callable[[World, Path], list], str]] = {
     # --- an output that is, contains or lies inside an input: refused even with --overwrite ---
-    "stage1_out_is_model": (lambda w, t: ["general.py", w.model, "c4", "--out", w.model, "--overwrite"], "is the model"),
+    "stage1_out_is_model": (lambda w, t: ["general.py", w.model, "c4", "--out", w.model, "--overwrite"],
+                            "is the model"),
     "stage1_save_pruned_is_model": (lambda w, t: ["general.py", w.model, "c4", "--out", t / "s", "--save-pruned",
                                                   w.model, "--overwrite"], "is the model"),
     "stage1_out_contains_model": (lambda w, t: ["general.py", w.model, "c4", "--out", w.root, "--overwrite"],
@@ -194,7 +195,8 @@ CASES: dict[str, tuple[Callable[[World, Path], list], str]] = {
                           "cannot write in"),
     "stage1_save_pruned_readonly": (lambda w, t: ["general.py", w.model, "c4", "--out", t / "s", "--save-pruned",
                                                   readonly_dir(t) / "p"], "cannot write in"),
-    "stage3_out_readonly": (lambda w, t: ["save_model.py", w.model, w.scores, readonly_dir(t) / "p"], "cannot write in"),
+    "stage3_out_readonly": (lambda w, t: ["save_model.py", w.model, w.scores, readonly_dir(t) / "p"],
+                            "cannot write in"),
     "stage2_output_readonly": (lambda w, t: stage2(w, readonly_dir(t) / "o"), "cannot write in"),
     # --- strict model loading: never a partly random model, never a pickle ---
     "missing_tensor": (lambda w, t: ["save_model.py", model_variant(w, t, lambda s, c: s.pop(
@@ -213,7 +215,8 @@ CASES: dict[str, tuple[Callable[[World, Path], list], str]] = {
     "pickled_model_file": (lambda w, t: ["prune_baseline.py", "magnitude", pickled_folder(w, t) / "pytorch_model.bin",
                                          t / "p"], "only safetensors are loaded"),
     "folder_without_weights": (lambda w, t: ["save_model.py", no_weights(w, t), w.scores, t / "p"], "holds no weights"),
-    "stage2_gpt2": (lambda w, t: stage2(w, t / "o", model_name_or_path=gpt2_model(t)), "unsupported architecture 'gpt2'"),
+    "stage2_gpt2": (lambda w, t: stage2(w, t / "o", model_name_or_path=gpt2_model(t)),
+                    "unsupported architecture 'gpt2'"),
     # --- every number in range, NaN and inf never ---
     "blocksize_0": (lambda w, t: ["general.py", w.model, "c4", "--blocksize", "0"], "--blocksize must be >= 1, got 0"),
     "batch_size_0": (lambda w, t: ["general.py", w.model, "c4", "--batch-size", "0"], "--batch-size must be >= 1"),

@@ -167,7 +167,8 @@ def killed_stage2(inputs, tmp_path_factory) -> Path:
     """A stage-2 output killed right after its first epoch (resumable from epochs/epoch_001)."""
     _, model, scores, general = inputs
     out = tmp_path_factory.mktemp("killed") / "out"
-    result = run_cli(*_stage2_args(model, scores, general, out), env={KILL_AFTER_EPOCH_ENV: "1", "OMP_NUM_THREADS": "1"})
+    result = run_cli(*_stage2_args(model, scores, general, out),
+                     env={KILL_AFTER_EPOCH_ENV: "1", "OMP_NUM_THREADS": "1"})
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     return out
 

@@ -206,3 +206,13 @@ def test_mixcal_blends_each_set_normalised_by_its_own_count_and_prunes_n_m_as_br
     torch.testing.assert_close(method.hessian(stats).double(), expected, rtol=1e-5, atol=1e-5)
     outcome = method.prune(0, "proj", layer.proj.weight.data, stats)
     _check_against_brute_force(outcome.weight, outcome.mask, layer.proj.weight.data, expected, 2, 4)
+
+
+def test_non_finite_scores_are_never_published(tmp_path):
+    from dpruner.errors import DPrunerError
+    from dpruner.io import save_score_folder
+
+    layers = [{"mlp.up_proj": torch.ones(2, 3)}, {"mlp.up_proj": torch.tensor([[1.0, float("nan"), 2.0]])}]
+    with pytest.raises(DPrunerError, match="layer 1 mlp.up_proj holds 1 NaN/inf"):
+        save_score_folder(tmp_path / "scores", layers, kind="dual_importance", model="m", settings={})
+    assert list(tmp_path.iterdir()) == []

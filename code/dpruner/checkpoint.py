@@ -132,7 +132,8 @@ def verify_structure(folder: Path, skeleton: nn.Module) -> None:
         if key in present:
             path, got = present[key]
             if got != shape:
-                raise DPrunerError(f"{path}: tensor {key} has shape {list(got)}, the model's config needs {list(shape)}")
+                raise DPrunerError(f"{path}: tensor {key} has shape {list(got)}, "
+                                   f"the model's config needs {list(shape)}")
             continue
         group = next((g for g in tied if key in g), {key})
         if not any(name in present for name in group):

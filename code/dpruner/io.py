@@ -424,8 +424,9 @@ class ScoreSet:
             try:
                 tensor = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as err:
-                raise DPrunerError(f"{path}: cannot be read as a plain tensor file; only tensors are loaded from .pt "
-                                  f"files (weights_only=True), never other pickled objects ({first_line(err)})") from None
+                raise DPrunerError(f"{path}: cannot be read as a plain tensor file; only tensors are loaded from "
+                                   f".pt files (weights_only=True), never other pickled objects "
+                                   f"({first_line(err)})") from None
             if not isinstance(tensor, torch.Tensor):
                 raise DPrunerError(f"{path}: holds {type(tensor).__name__}, expected a tensor")
             out[module] = tensor.float()
@@ -446,6 +447,12 @@ def save_score_folder(folder: str | os.PathLike, layers: list[Mapping[str, torch
                       model: str, settings: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
     """Write a complete score folder in one go (temp folder, then rename)."""
     folder = Path(folder)
+    for index, tensors in enumerate(layers):  # a NaN score would rank arbitrarily: never publish one
+        for name, tensor in tensors.items():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise DPrunerError(f"{folder}: layer {index} {name} holds {bad} NaN/inf scores; not saved "
+                                   "(check the learning rate, lambda and the general importance)")
     manifest = {"format": SCORE_FORMAT, "kind": kind, "model": model, "num_layers": len(layers),
                 "modules": sorted({name for layer in layers for name in layer}), "settings": settings,
                 "code_version": __version__, "layers_done": len(layers), "complete": True, **(extra or {})}

@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from dpruner.io import atomic_dir, atomic_path, save_tensors, write_json
+from dpruner.errors import DPrunerError
+from dpruner.io import atomic_dir, atomic_path, check_finite_scores, save_tensors, write_json
 from dpruner.layerwise import LayerInputs, collect_stats
 from dpruner.lomo import Lomo
 from dpruner.masks import lowest_k
@@ -208,11 +209,8 @@ def test_mixcal_blends_each_set_normalised_by_its_own_count_and_prunes_n_m_as_br
     _check_against_brute_force(outcome.weight, outcome.mask, layer.proj.weight.data, expected, 2, 4)
 
 
-def test_non_finite_scores_are_never_published(tmp_path):
-    from dpruner.errors import DPrunerError
-    from dpruner.io import save_score_folder
-
+def test_non_finite_importance_is_never_published():
     layers = [{"mlp.up_proj": torch.ones(2, 3)}, {"mlp.up_proj": torch.tensor([[1.0, float("nan"), 2.0]])}]
     with pytest.raises(DPrunerError, match="layer 1 mlp.up_proj holds 1 NaN/inf"):
-        save_score_folder(tmp_path / "scores", layers, kind="dual_importance", model="m", settings={})
-    assert list(tmp_path.iterdir()) == []
+        check_finite_scores("importance", layers)
+    check_finite_scores("importance", layers[:1])

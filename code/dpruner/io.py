@@ -447,12 +447,6 @@ def save_score_folder(folder: str | os.PathLike, layers: list[Mapping[str, torch
                       model: str, settings: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
     """Write a complete score folder in one go (temp folder, then rename)."""
     folder = Path(folder)
-    for index, tensors in enumerate(layers):  # a NaN score would rank arbitrarily: never publish one
-        for name, tensor in tensors.items():
-            bad = int((~torch.isfinite(tensor)).sum())
-            if bad:
-                raise DPrunerError(f"{folder}: layer {index} {name} holds {bad} NaN/inf scores; not saved "
-                                   "(check the learning rate, lambda and the general importance)")
     manifest = {"format": SCORE_FORMAT, "kind": kind, "model": model, "num_layers": len(layers),
                 "modules": sorted({name for layer in layers for name in layer}), "settings": settings,
                 "code_version": __version__, "layers_done": len(layers), "complete": True, **(extra or {})}
@@ -464,6 +458,16 @@ def save_score_folder(folder: str | os.PathLike, layers: list[Mapping[str, torch
             checksums[path.name] = sha256_file(path)
         write_json(tmp / MANIFEST, dict(manifest, **{CHECKSUM_KEY: checksums}))
     return folder
+
+
+def check_finite_scores(folder: str | os.PathLike, layers: list[Mapping[str, torch.Tensor]]) -> None:
+    """A NaN score would rank arbitrarily: refuse to publish one (stage 2 calls this before saving)."""
+    for index, tensors in enumerate(layers):
+        for name, tensor in tensors.items():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise DPrunerError(f"{folder}: layer {index} {name} holds {bad} NaN/inf scores; not saved "
+                                   "(check the learning rate, lambda and the general importance)")
 
 
 def load_score_layers(folder: str | os.PathLike) -> list[dict[str, torch.Tensor]]:

@@ -29,7 +29,7 @@ from dpruner.errors import DPrunerError
 from dpruner.export import versions
 from dpruner.guard import Output, model_input, protect
 from dpruner.importance import DualImportance, ImportanceSettings, load_general_importance, projection_target
-from dpruner.io import ScoreSet, atomic_dir, load_score_layers, read_json, save_score_folder, write_json
+from dpruner.io import ScoreSet, atomic_dir, check_finite_scores, load_score_layers, read_json, save_score_folder, write_json
 from dpruner.lomo import DynamicLossScaler, Lomo
 from dpruner.loss import causal_lm_loss, check_chunked_loss
 from dpruner.models import load_tokenizer, meta_skeleton, resolve_dtype, resolve_model
@@ -197,8 +197,9 @@ class Stage2:
     def _save_importance(self, folder: Path, epoch: int) -> None:
         if not self.rt.is_main:
             return
-        num_layers = self.model.config.num_hidden_layers
-        save_score_folder(folder, self.importance.layer_scores(num_layers), kind="dual_importance",
+        layers = self.importance.layer_scores(self.model.config.num_hidden_layers)
+        check_finite_scores(folder, layers)
+        save_score_folder(folder, layers, kind="dual_importance",
                           model=self.config.model_name_or_path, settings=identity(self.config),
                           extra={"epochs": epoch, "global_step": self.state["global_step"],
                                  "steps_accumulated": self._steps_before + len(self.importance.steps_accumulated),

@@ -79,6 +79,7 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
     except BaseException:
         cleanup_created()
         raise
+    cleanup_created(failed=bool(code))
     sys.exit(code or 0)
 
 

@@ -130,8 +130,11 @@ def protect(outputs: Iterable[Output], inputs: Mapping[str, str | os.PathLike | 
         _note_created(target if output.folder else target.parent)
 
 
-def cleanup_created() -> None:
-    """After a failed run: remove the output folders this process created that hold no file."""
+def cleanup_created(failed: bool = True) -> None:
+    """After a failed run: remove the output folders this process created that hold no file. After a
+    successful one (`failed=False`) just forget them."""
+    if not failed:
+        _created.clear()
     while _created:
         top = _created.pop()
         if not top.is_dir():

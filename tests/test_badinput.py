@@ -268,12 +268,13 @@ CASES: dict[str, tuple[Callable[[World, Path], list], str]] = {
 def test_bad_input_gives_one_line_and_changes_nothing(case, world, tmp_path, capsys):
     build, expected = CASES[case]
     argv = build(world, tmp_path)
-    before = snapshot(world.root, tmp_path)
+    roots = [world.root, tmp_path, *([data_dir()] if "data" in case else [])]
+    before = snapshot(*roots)
     entries_before = {p for p in tmp_path.rglob("*")}
     result = run_inprocess(capsys, *argv)
     line = error_line(result)
     assert expected in line, line
-    assert snapshot(world.root, tmp_path) == before
+    assert snapshot(*roots) == before
     assert {p for p in tmp_path.rglob("*")} <= entries_before, "a failed run left new files or folders"
 
 

@@ -343,6 +343,8 @@ class ScoreWriter:
         if self._clear_first:
             self._clear()
             self._clear_first = False
+        if layer == 0:  # the manifest comes first, so a run killed at any later point is recognised and resumed
+            self._write_manifest(complete=False)
         return StreamingSafetensors(layer_file(self.folder, layer), shapes)
 
     def save_layer(self, layer: int, sink: StreamingSafetensors,
@@ -359,9 +361,10 @@ class ScoreWriter:
         self._write_manifest(complete=False)
 
     def finish(self, summary: dict[str, Any] | None = None, keep_resume: bool = False) -> None:
+        """Mark the folder complete, then drop the resume state (the other order loses it if killed between)."""
+        self._write_manifest(complete=True, summary=summary)
         if not keep_resume and (self.folder / RESUME_DIR).exists():
             shutil.rmtree(self.folder / RESUME_DIR)
-        self._write_manifest(complete=True, summary=summary)
 
 
 @dataclass

@@ -258,9 +258,9 @@ class Stage2:
             if config.overwrite_output_dir and not resumed_from and self.out.exists():
                 shutil.rmtree(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(dump_config(config))
             if not resumed_from:  # from now on a rerun of this config resumes here, even if killed at once
                 write_json(self.out / STATE_FILE, self.state)
+            (self.out / "config.yaml").write_text(dump_config(config))
         rt.barrier()
         self.scaler = DynamicLossScaler(self.state["loss_scale"] or config.initial_loss_scale) \
             if self.dtype == torch.float16 else None
@@ -313,9 +313,9 @@ class Stage2:
                    "device": str(rt.device), "seconds": round(time.time() - began, 2),
                    "resumed_from_epoch": resumed_from, "versions": versions()}
         if rt.is_main:
+            write_json(self.out / "summary.json", summary)  # before `complete`: a kill in between reruns the end
             self.state["complete"] = True
             write_json(self.out / STATE_FILE, self.state)
-            write_json(self.out / "summary.json", summary)
         rt.barrier()
         return summary
 

@@ -12,8 +12,10 @@ Example: python code/make_tables.py outputs/legal/eval --domain legal --md outpu
 from __future__ import annotations
 
 from dpruner import cli
+from dpruner.guard import Output, protect
 from dpruner.io import atomic_path
 from dpruner.tables import DEFAULT_REFERENCE, COLUMNS, build_table, load_results, seed_table, to_csv, to_markdown
+from dpruner.validate import check_results
 
 
 def main(argv=None) -> int:
@@ -28,7 +30,11 @@ def main(argv=None) -> int:
     parser.add_argument("--csv", default=None, help="also write the table as CSV (one row per cell) here")
     args = parser.parse_args(argv)
     labels = [label.strip() for label in args.labels.split(",")] if args.labels else None
-    results = load_results(cli.resolve_out(args.results))
+    folder = cli.resolve_out(args.results)
+    protect([Output(f"--{kind}", cli.resolve_out(getattr(args, kind)), folder=False) for kind in ("md", "csv")],
+            {"results folder": folder})
+    results = load_results(folder)
+    check_results(folder, results, args.domain)
     table = build_table(results, args.domain, labels, args.reference)
     seeds = seed_table(results, args.domain)
     markdown = to_markdown(table) + (f"\nMean ± s.d. over seeds:\n\n{seeds}" if seeds else "")

@@ -30,6 +30,7 @@ from dpruner import cli
 from dpruner.config import DOMAINS
 from dpruner.errors import DPrunerError
 from dpruner.export import REPORT_NAME, check_output_dir
+from dpruner.guard import Output, model_inputs, protect
 from dpruner.masks import parse_pattern
 from dpruner.methods import get_method, method_names
 from dpruner.methods.dpruner_obs import SELECTIONS
@@ -39,6 +40,7 @@ from dpruner.models import EMBEDDED_MODEL, load_tokenizer
 from dpruner.obs import DEFAULT_BLOCKSIZE, DEFAULT_PERCDAMP
 from dpruner.pipeline import (CALIBRATION_DATASETS, CalibrationSpec, add_calibration_options, build_calibration,
                               calibration_from_args, check_model_structure, prune_with_method)
+from dpruner.provenance import ALLOW_OPTION, check_same_model
 from dpruner.stage3 import DEFAULT_BLOCKS, check_layer_count
 
 STRUCTURED = "llm-pruner"
@@ -81,6 +83,8 @@ def build_parser():
                              "saliency = dual importance ranks inside SparseGPT's sweep (default: mask)")
     parser.add_argument("--scores", default=None, metavar="DIR",
                         help="dpruner: score folder (stage-2 dual importance, or any --save-scores folder)")
+    parser.add_argument(ALLOW_OPTION, action="store_true",
+                        help="dpruner: use --scores even if their manifest says they were computed for another model")
     parser.add_argument("--blocksize", type=int, default=DEFAULT_BLOCKSIZE,
                         help="sparsegpt/mixcal: OBS column block (SparseGPT)")
     parser.add_argument("--percdamp", type=float, default=DEFAULT_PERCDAMP,
@@ -137,6 +141,7 @@ def run_structured(args: Namespace, out: Path) -> dict:
 
     spec = calibration_spec(args)
     check_output_dir(out, args.overwrite)
+    protect([Output("OUT", out)], model_inputs(args.model, spec.data_dir))
     check_model_structure(args.model)
     windows = build_calibration(spec, load_tokenizer(args.model))
     return prune_structured(args.model, out, target_ratio=args.sparsity, calibration=windows,
@@ -172,6 +177,7 @@ def main(argv=None) -> int:
     method = get_method(args.method, sparsity=args.sparsity, **method_options(args))
     if args.method in METHOD_OPTIONS["scores"]:
         check_layer_count(method.score_set, check_model_structure(args.model))
+        check_same_model(method.score_set.manifest, method.score_set.folder, args.model, args.allow_other_model)
     calibration = calibration_spec(args) if method.statistic is not None else None
     result = prune_with_method(args.model, method, calibration, scores_out=cli.resolve_out(args.save_scores),
                                save_pruned=out, overwrite=args.overwrite, dtype=args.dtype, device=args.device,

@@ -65,6 +65,12 @@ def _fetch(entry: dict, source: Path | None, tmp: Path) -> None:
     shutil.copyfile(origin, tmp)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def prepare(out: Path, source: Path | None, groups: set[str] | None = None,
             manifest: Path = MANIFEST, log=print) -> list[Path]:
     """Make `out` hold every manifest file with the right checksum; return the paths."""
@@ -79,7 +85,8 @@ def prepare(out: Path, source: Path | None, groups: set[str] | None = None,
             placed.append(target)
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.dpruner-tmp-{os.getpid()}-", suffix=".tmp",
+                                        dir=target.parent)
         os.close(fd)
         tmp = Path(tmp_name)
         try:
@@ -90,6 +97,7 @@ def prepare(out: Path, source: Path | None, groups: set[str] | None = None,
                 raise PrepareError(
                     f"{origin}: sha256 {got} does not match the manifest ({entry['sha256']}); "
                     "the file is corrupt or a different version")
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a data file is an ordinary file
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)

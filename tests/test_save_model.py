@@ -254,7 +254,7 @@ def test_existing_output_needs_overwrite(tiny_llama_dir, score_dir, tmp_path):
     assert "already exists; pass --overwrite" in error_line(run_cli("save_model.py", tiny_llama_dir, score_dir, out))
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     line = error_line(run_cli("save_model.py", tiny_llama_dir, score_dir, score_dir, "--overwrite"))
-    assert "would replace the importance folder" in line and (score_dir / "manifest.json").exists()
+    assert "is the importance folder" in line and (score_dir / "manifest.json").exists()
     result = run_cli("save_model.py", tiny_llama_dir, score_dir, out, "--overwrite")
     assert result.returncode == 0, result.stderr
     assert not (out / "keep.txt").exists() and (out / "pruning_report.json").exists()

@@ -28,6 +28,7 @@ from safetensors import safe_open
 from dpruner import __version__, cli
 from dpruner.errors import DPrunerError
 from dpruner.export import REPORT_NAME
+from dpruner.guard import Output, protect
 from dpruner.io import (MANIFEST, UPSTREAM_DUAL_DIRS, UPSTREAM_GENERAL_DIRS, ScoreSet, atomic_dir, layer_file,
                         read_json, write_json)
 from dpruner.masks import parse_pattern, select
@@ -382,6 +383,7 @@ def check_output(out: Path, overwrite: bool, sources: list[MaskSource]) -> None:
     for protected in [Path.cwd(), *(s.path for s in sources)]:
         if out.resolve() == protected.resolve() or out.resolve() in protected.resolve().parents:
             raise DPrunerError(f"--out {out} would replace {protected}; choose a separate output folder")
+    protect([Output("--out", out)], {f"source {s.label!r}": s.path for s in sources})
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:

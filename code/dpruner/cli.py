@@ -30,6 +30,14 @@ class OneLineErrorParser(argparse.ArgumentParser):
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
 
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """Parse, then range-check every numeric option (NaN and inf never pass)."""
+        from dpruner.validate import check_namespace
+
+        parsed = super().parse_args(args, namespace)
+        check_namespace(parsed)
+        return parsed
+
 
 def make_parser(description: str, prog: str | None = None) -> argparse.ArgumentParser:
     return OneLineErrorParser(description=description, prog=prog, formatter_class=HelpFormatter)
@@ -56,14 +64,22 @@ def _cuda_available() -> bool:
 
 def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
     """Run a CLI entry point; a DPrunerError becomes `error: ...` on stderr and exit code 2."""
+    from dpruner.guard import cleanup_created
+
     try:
         code = main(argv)
     except DPrunerError as err:
+        cleanup_created()
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
+        cleanup_created()
         print("interrupted (stage 1 and stage 2 resume from their last saved layer/epoch when rerun)", file=sys.stderr)
         sys.exit(130)
+    except BaseException:
+        cleanup_created()
+        raise
+    cleanup_created(failed=bool(code))
     sys.exit(code or 0)
 
 

@@ -20,6 +20,7 @@ import yaml
 from dpruner.errors import DPrunerError
 from dpruner.importance import ANCHOR_STEPS, GENERAL_NORMS, REGULARIZERS, RENAMED_REGULARIZERS
 from dpruner.paths import REPO_ROOT
+from dpruner.validate import load_yaml
 
 # Keys of the original config that configure nothing here (HF Trainer leftovers, LOMO leftovers,
 # `llama_type` whose shapes we read from the model, the tokenization cache keys).
@@ -121,6 +122,9 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         where = self.config_path or "config"
+        for key, value in self.to_dict().items():  # also for configs built in code, not read from YAML
+            if isinstance(value, float) and not math.isfinite(value):
+                raise DPrunerError(f"{where}: {key}={value} must be a finite number")
         if self.regularizer in RENAMED_REGULARIZERS:
             raise DPrunerError(f"{where}: regularizer={self.regularizer!r} was renamed "
                                f"{RENAMED_REGULARIZERS[self.regularizer]!r} (it is not the gradient of the paper's "
@@ -247,14 +251,17 @@ def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
             return value
         raise DPrunerError(f"{where}: {key}={value!r} must be an integer")
     if base is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise DPrunerError(f"{where}: {key}={value!r} must be a number")
+        if number is None or not math.isfinite(number):
+            raise DPrunerError(f"{where}: {key}={value!r} must be a finite number")
+        return number
     if base is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -279,12 +286,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path).expanduser()
     if not path.is_file():
         raise DPrunerError(f"config file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise DPrunerError(f"{path}{line}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    raw = load_yaml(path) or {}
     if not isinstance(raw, dict):
         raise DPrunerError(f"{path}: expected a mapping of key: value, got {type(raw).__name__}")
     for text in overrides:

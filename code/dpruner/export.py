@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dpruner import __version__
+from dpruner.checkpoint import write_checksums
 from dpruner.errors import DPrunerError
 from dpruner.io import atomic_dir, write_json
 from dpruner.models import PROJECTIONS, count_parameters, decoder_layers, projection_modules
@@ -91,5 +92,6 @@ def save_pruned_model(model: nn.Module, tokenizer, out: str | Path, report: dict
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        write_checksums(tmp)
         write_json(tmp / REPORT_NAME, full)
     return out

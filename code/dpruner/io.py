@@ -11,7 +11,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -23,8 +25,11 @@ from safetensors.torch import load_file, save_file
 
 from dpruner import __version__
 from dpruner.errors import DPrunerError
+from dpruner.provenance import FINGERPRINT_KEY
 
 SCORE_FORMAT = "dpruner-scores/1"
+# Manifest key: {layer file name: sha256}; a file that no longer matches is refused, never used.
+CHECKSUM_KEY = "sha256"
 MANIFEST = "manifest.json"
 RESUME_DIR = "_resume"
 
@@ -62,17 +67,76 @@ def _publish_permissions(path: Path) -> None:
         os.chmod(path, 0o666 & ~mask)
 
 
+# Temporary names say what they are and which process made them: `.<target>.dpruner-tmp-<pid>-<rand>.tmp`.
+# A temp whose process is gone was left by a killed run; the next write of the same target removes it.
+TEMP_MARK = ".dpruner-tmp-"
+_TEMP_NAME = re.compile(r"^\.(?P<target>.*)" + re.escape(TEMP_MARK) + r"(?P<pid>\d+)-[^/]*\.tmp$")
+# Fault injection for the kill tests: `N:SIGNAL` sends SIGNAL (INT or KILL) to this process while the
+# N-th atomic write of the run is complete in its temp path but not yet renamed (the worst moment).
+FAULT_AT_WRITE_ENV = "DPRUNER_DEBUG_SIGNAL_AT_WRITE"
+_writes = 0
+
+
+def temp_prefix(name: str) -> str:
+    return f".{name}{TEMP_MARK}{os.getpid()}-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_stale_temp(path: Path) -> bool:
+    """A temp file/folder of ours whose process no longer runs."""
+    match = _TEMP_NAME.match(path.name)
+    return bool(match) and not _process_alive(int(match["pid"]))
+
+
+def remove_stale_temps(folder: Path, target: str | None = None, recursive: bool = False) -> list[Path]:
+    """Delete the temps that killed runs left in `folder` (only those for `target` when given)."""
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for entry in list(folder.iterdir()):
+        match = _TEMP_NAME.match(entry.name)
+        if match and (target is None or match["target"] == target) and is_stale_temp(entry):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            removed.append(entry)
+        elif recursive and entry.is_dir() and not entry.is_symlink():
+            removed += remove_stale_temps(entry, recursive=True)
+    return removed
+
+
+def _fault_point() -> None:
+    """Deliver the injected signal at the configured write (tests only; unset in normal runs)."""
+    global _writes
+    spec = os.environ.get(FAULT_AT_WRITE_ENV)
+    if not spec:
+        return
+    _writes += 1
+    count, _, name = spec.partition(":")
+    if _writes == int(count):
+        os.kill(os.getpid(), getattr(signal, f"SIG{name or 'KILL'}"))
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `target`; it replaces `target` only if the block succeeds."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_stale_temps(target.parent, target.name)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target.name), suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         _publish_permissions(tmp_path)
+        _fault_point()
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
@@ -84,10 +148,12 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; it is renamed to `target` only on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    remove_stale_temps(target.parent, target.name)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), suffix=".tmp", dir=target.parent))
     try:
         yield tmp
         _publish_permissions(tmp)
+        _fault_point()
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -122,7 +188,13 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise DPrunerError(f"{path}: file not found") from None
     except Exception as err:  # safetensors raises its own error types for corrupt headers
-        raise DPrunerError(f"{path}: not a readable safetensors file ({err})") from None
+        raise DPrunerError(f"{path}: not a readable safetensors file ({first_line(err)})") from None
+
+
+def first_line(err: BaseException) -> str:
+    """A library error as one line (torch's and safetensors' messages run over several)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -197,7 +269,8 @@ class ScoreWriter:
     """
 
     def __init__(self, folder: str | os.PathLike, *, kind: str, model: str, num_layers: int,
-                 modules: list[str], settings: dict[str, Any], overwrite: bool = False) -> None:
+                 modules: list[str], settings: dict[str, Any], overwrite: bool = False,
+                 fingerprint: dict[str, Any] | None = None) -> None:
         self.folder = Path(folder)
         self.header = {
             "format": SCORE_FORMAT,
@@ -208,7 +281,10 @@ class ScoreWriter:
             "settings": settings,
             "code_version": __version__,
         }
+        if fingerprint is not None:
+            self.header[FINGERPRINT_KEY] = fingerprint
         self.layers_done = 0
+        self.checksums: dict[str, str] = {}  # sha256 of each committed layer file, kept in the manifest
         self._clear_first = False  # replace an old folder, but only once the first layer is ready
         manifest_path = self.folder / MANIFEST
         if manifest_path.exists():
@@ -220,6 +296,7 @@ class ScoreWriter:
                     f"{self.folder} already holds complete scores; pass --overwrite to replace them")
             elif self._same_run(old):
                 self.layers_done = int(old.get("layers_done", 0))
+                self.checksums = dict(old.get(CHECKSUM_KEY) or {})
             else:
                 raise DPrunerError(
                     f"{self.folder} holds an unfinished run with other settings "
@@ -249,6 +326,7 @@ class ScoreWriter:
 
     def _write_manifest(self, complete: bool, summary: dict[str, Any] | None = None) -> None:
         manifest = dict(self.header, layers_done=self.layers_done, complete=complete)
+        manifest[CHECKSUM_KEY] = self.checksums
         if summary:
             manifest["summary"] = summary
         write_json(self.folder / MANIFEST, manifest)
@@ -265,20 +343,28 @@ class ScoreWriter:
         if self._clear_first:
             self._clear()
             self._clear_first = False
+        if layer == 0:  # the manifest comes first, so a run killed at any later point is recognised and resumed
+            self._write_manifest(complete=False)
         return StreamingSafetensors(layer_file(self.folder, layer), shapes)
 
     def save_layer(self, layer: int, sink: StreamingSafetensors,
                    resume: Mapping[str, torch.Tensor] | None = None) -> None:
-        if resume is not None:
-            save_tensors(self.folder / RESUME_DIR / f"layer_{layer:03d}.safetensors", resume)
+        try:
+            if resume is not None:
+                save_tensors(self.folder / RESUME_DIR / f"layer_{layer:03d}.safetensors", resume)
+        except BaseException:  # interrupted: the layer's half-made score file must not stay behind
+            sink.abort()
+            raise
         sink.commit()
+        self.checksums[sink.target.name] = sha256_file(sink.target)
         self.layers_done = layer + 1
         self._write_manifest(complete=False)
 
     def finish(self, summary: dict[str, Any] | None = None, keep_resume: bool = False) -> None:
+        """Mark the folder complete, then drop the resume state (the other order loses it if killed between)."""
+        self._write_manifest(complete=True, summary=summary)
         if not keep_resume and (self.folder / RESUME_DIR).exists():
             shutil.rmtree(self.folder / RESUME_DIR)
-        self._write_manifest(complete=True, summary=summary)
 
 
 @dataclass
@@ -327,6 +413,10 @@ class ScoreSet:
             path = layer_file(self.folder, index)
             if not path.exists():
                 raise DPrunerError(f"{self.folder}: scores for layer {index} are missing ({path.name})")
+            expected = (self.manifest.get(CHECKSUM_KEY) or {}).get(path.name)
+            if expected is not None and sha256_file(path) != expected:
+                raise DPrunerError(f"{path}: sha256 differs from the one in {MANIFEST} (the file was corrupted or "
+                                   "changed after it was written); recompute these scores")
             return load_tensors(path)
         dirs = UPSTREAM_DUAL_DIRS if self.layout == "upstream-dual" else UPSTREAM_GENERAL_DIRS
         out = {}
@@ -337,7 +427,9 @@ class ScoreSet:
             try:
                 tensor = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as err:
-                raise DPrunerError(f"{path}: cannot be read as a tensor with weights_only=True ({err})") from None
+                raise DPrunerError(f"{path}: cannot be read as a plain tensor file; only tensors are loaded from "
+                                   f".pt files (weights_only=True), never other pickled objects "
+                                   f"({first_line(err)})") from None
             if not isinstance(tensor, torch.Tensor):
                 raise DPrunerError(f"{path}: holds {type(tensor).__name__}, expected a tensor")
             out[module] = tensor.float()
@@ -362,10 +454,23 @@ def save_score_folder(folder: str | os.PathLike, layers: list[Mapping[str, torch
                 "modules": sorted({name for layer in layers for name in layer}), "settings": settings,
                 "code_version": __version__, "layers_done": len(layers), "complete": True, **(extra or {})}
     with atomic_dir(folder) as tmp:
+        checksums = {}
         for index, tensors in enumerate(layers):
-            save_tensors(layer_file(tmp, index), {k: v.float() for k, v in tensors.items()})
-        write_json(tmp / MANIFEST, manifest)
+            path = layer_file(tmp, index)
+            save_tensors(path, {k: v.float() for k, v in tensors.items()})
+            checksums[path.name] = sha256_file(path)
+        write_json(tmp / MANIFEST, dict(manifest, **{CHECKSUM_KEY: checksums}))
     return folder
+
+
+def check_finite_scores(folder: str | os.PathLike, layers: list[Mapping[str, torch.Tensor]]) -> None:
+    """A NaN score would rank arbitrarily: refuse to publish one (stage 2 calls this before saving)."""
+    for index, tensors in enumerate(layers):
+        for name, tensor in tensors.items():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise DPrunerError(f"{folder}: layer {index} {name} holds {bad} NaN/inf scores; not saved "
+                                   "(check the learning rate, lambda and the general importance)")
 
 
 def load_score_layers(folder: str | os.PathLike) -> list[dict[str, torch.Tensor]]:

@@ -67,6 +67,12 @@ def resolve_model(name: str) -> str:
     if name == EMBEDDED_MODEL:
         return str(embedded_model_dir())
     path = Path(name).expanduser()
+    if path.is_file():
+        from dpruner.checkpoint import PICKLE_SUFFIXES, pickle_refusal
+
+        if path.suffix in PICKLE_SUFFIXES:
+            raise pickle_refusal(path)
+        raise DPrunerError(f"model {path} is a file; expected a Hugging Face model folder")
     if path.exists():
         if not (path / "config.json").exists():
             raise DPrunerError(f"model folder {path} has no config.json (expected a Hugging Face model folder)")
@@ -127,16 +133,11 @@ def resolve_device(spec: str | torch.device | None) -> torch.device:
 
 def load_model(name: str, dtype: str = "auto", device: torch.device | str | None = None) -> nn.Module:
     """Load a causal LM and check that it has the LLaMA-style layout we prune."""
-    from transformers import AutoModelForCausalLM
+    from dpruner.checkpoint import load_causal_lm
 
     device = resolve_device(device)
     resolved = resolve_model(name)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=resolve_dtype(dtype, device))
-    except OSError as err:
-        raise _from_hub_error(name, err) from None
-    except ValueError as err:  # unknown architecture etc.
-        raise DPrunerError(f"model {name!r} cannot be loaded as a causal LM ({str(err).splitlines()[0]})") from None
+    model = load_causal_lm(resolved, name, dtype=resolve_dtype(dtype, device))
     check_supported(model, name)
     model.config.use_cache = False
     return model.to(device).eval()
@@ -192,4 +193,8 @@ def meta_skeleton(name: str) -> nn.Module:
     except ValueError as err:
         raise DPrunerError(f"model {name!r} is not a causal LM ({str(err).splitlines()[0]})") from None
     check_supported(skeleton, name)
+    if Path(resolve_model(name)).is_dir():
+        from dpruner.checkpoint import verify_model_folder
+
+        verify_model_folder(resolve_model(name), skeleton, checksums=False)
     return skeleton

@@ -27,8 +27,10 @@ from dpruner.data.calibration import DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQ
 from dpruner.data.domain import domain_texts
 from dpruner.errors import DPrunerError
 from dpruner.export import check_output_dir, save_pruned_model, versions
+from dpruner.guard import Output, model_inputs, protect
 from dpruner.io import ScoreWriter
 from dpruner.layerwise import prune_layerwise
+from dpruner.provenance import fingerprint
 from dpruner.methods.base import PruningMethod
 from dpruner.masks import parse_pattern
 from dpruner.models import (PROJECTIONS, decoder_layers, load_model, load_tokenizer, meta_skeleton,
@@ -173,8 +175,12 @@ def prune_with_method(model_name: str, method: PruningMethod, calibration: Calib
     num_layers = check_model_structure(model_name, settings.get("pattern", "unstructured"))
     if calibration is not None:
         settings["calibration"] = asdict(calibration) | {"data_dir": None}
+    score_input = getattr(getattr(method, "score_set", None), "folder", None)
+    protect([Output("score output", scores_out), Output("pruned-model output", save_pruned)],
+            model_inputs(model_name, calibration.data_dir if calibration else None, scores=score_input))
     writer = (ScoreWriter(scores_out, kind=kind, model=model_name, num_layers=num_layers,
-                          modules=list(PROJECTIONS), settings=settings, overwrite=overwrite)
+                          modules=list(PROJECTIONS), settings=settings, overwrite=overwrite,
+                          fingerprint=fingerprint(model_name))
               if scores_out else None)
     if save_pruned:
         check_output_dir(save_pruned, overwrite)
@@ -188,12 +194,12 @@ def prune_with_method(model_name: str, method: PruningMethod, calibration: Calib
                               true_sequential=true_sequential)
     result: dict[str, Any] = {"model": model_name, "settings": settings, "seconds": round(time.time() - began, 2),
                               "this_run": summary.as_dict(), "versions": versions()}
-    if writer is not None:
-        writer.finish(summary=result)
-        result["scores"] = str(writer.folder)
-    if save_pruned:
+    if save_pruned:  # before the scores are marked complete, so a failed save resumes instead of refusing
         report = {"method": method.name, "base_model": model_name, "settings": settings,
                   "scores": str(scores_out) if scores_out else None}
         save_pruned_model(model, tokenizer, save_pruned, report)
         result["pruned_model"] = str(save_pruned)
+    if writer is not None:
+        writer.finish(summary=result)
+        result["scores"] = str(writer.folder)
     return result

@@ -22,11 +22,13 @@ from torch import nn
 from dpruner import cli
 from dpruner.errors import DPrunerError
 from dpruner.export import REPORT_NAME, check_output_dir, save_pruned_model
+from dpruner.guard import Output, model_inputs, protect
 from dpruner.io import ScoreSet
 from dpruner.masks import parse_pattern, select
 from dpruner.models import (EMBEDDED_MODEL, PROJECTIONS, decoder_layers, load_model, load_tokenizer,
                             projection_modules, resolve_model)
 from dpruner.pipeline import check_model_structure
+from dpruner.provenance import ALLOW_OPTION, check_same_model
 
 # The original save_model.py / save_model_iterative.py prune `importance <= numpy.percentile(·, 52)`.
 DEFAULT_SPARSITY = 0.52
@@ -112,25 +114,17 @@ def stored_dtype(model_path: str) -> str:
     return _KEPT_DTYPES.get(getattr(config, "dtype", None), "auto")
 
 
-def _refuse_overlap(out: Path, label: str, path: Path) -> None:
-    """--overwrite must not replace the inputs themselves."""
-    out, path = out.resolve(), path.resolve()
-    if out == path or out in path.parents:
-        raise DPrunerError(f"output {out} would replace the {label} {path}; choose another output folder")
-
-
 def prune_from_scores(model_name: str, importance: str | Path, out: str | Path, *,
                       sparsity: float = DEFAULT_SPARSITY, scope: str = "matrix", blocks: int = DEFAULT_BLOCKS,
                       pattern: str = "unstructured", overwrite: bool = False, dtype: str = "auto",
-                      device: str | None = None) -> dict[str, Any]:
+                      device: str | None = None, allow_other_model: bool = False) -> dict[str, Any]:
     """Load the original model, mask it with `importance`, save it with pruning_report.json."""
     check_options(sparsity, scope, blocks, pattern)
     out = check_output_dir(out, overwrite)
+    protect([Output("output", out)], model_inputs(model_name, **{"importance folder": importance}))
     scores = ScoreSet.open(importance)
-    _refuse_overlap(out, "importance folder", scores.folder)
+    check_same_model(scores.manifest, scores.folder, model_name, allow_other_model)
     resolved = resolve_model(model_name)
-    if Path(resolved).is_dir():
-        _refuse_overlap(out, "base model", Path(resolved))
     check_layer_count(scores, check_model_structure(model_name))
     if dtype == "auto":
         dtype = stored_dtype(resolved)
@@ -179,6 +173,8 @@ def build_parser(description: str, prog: str, scope: str) -> argparse.ArgumentPa
                              "in each row; overrides --sparsity%s; ours, not in the original)"
                              % (" and --blocks" if scope == "block" else ""))
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument(ALLOW_OPTION, action="store_true",
+                        help="use the scores even if their manifest says they were computed for another model")
     parser.add_argument("--dtype", default="auto",
                         help="auto (the checkpoint's stored dtype, e.g. fp16 for LLaMA-2 as the original "
                              "loads it), float32, bfloat16, float16")
@@ -193,7 +189,8 @@ def main(argv: Sequence[str] | None, *, description: str, prog: str, scope: str)
     cli.quiet_libraries()
     result = prune_from_scores(args.model, cli.resolve_out(args.importance), cli.resolve_out(args.out),
                                sparsity=args.sparsity, scope=scope, blocks=getattr(args, "blocks", DEFAULT_BLOCKS),
-                               pattern=args.pattern, overwrite=args.overwrite, dtype=args.dtype, device=args.device)
+                               pattern=args.pattern, overwrite=args.overwrite, dtype=args.dtype, device=args.device,
+                               allow_other_model=args.allow_other_model)
     sparsity = result["sparsity"]
     print(json.dumps(result))
     print(f"pruned model: {result['pruned_model']}")

@@ -21,18 +21,21 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
+from dpruner.checkpoint import load_causal_lm, write_checksums
 from dpruner.config import TrainConfig, dump_config
 from dpruner.data.domain import domain_texts
 from dpruner.distributed import Runtime, init_runtime, shutdown
 from dpruner.errors import DPrunerError
 from dpruner.export import versions
-from dpruner.importance import (DOUBLE_BACKWARD_ATTENTION, DualImportance, ImportanceSettings, load_general_importance, pretrained_anchors,
-                                resolve_general_norm)
-from dpruner.io import atomic_dir, load_score_layers, read_json, save_score_folder, write_json
+from dpruner.guard import Output, model_input, protect
+from dpruner.importance import (DOUBLE_BACKWARD_ATTENTION, DualImportance, ImportanceSettings, load_general_importance,
+                                pretrained_anchors, resolve_general_norm)
+from dpruner.io import ScoreSet, atomic_dir, check_finite_scores, load_score_layers, read_json, save_score_folder, write_json
 from dpruner.lomo import DynamicLossScaler, Lomo
 from dpruner.loss import causal_lm_loss, check_chunked_loss
 from dpruner.mixing import DomainMixture
-from dpruner.models import load_tokenizer, resolve_dtype, resolve_model
+from dpruner.models import load_tokenizer, meta_skeleton, resolve_dtype, resolve_model
+from dpruner.provenance import FINGERPRINT_KEY, check_same_model, fingerprint
 
 STATE_FILE = "trainer_state.json"
 # Fault injection for the resume test: SIGKILL this process right after saving the given epoch.
@@ -77,6 +80,16 @@ def collate(batch: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
+def protect_stage2(config: TrainConfig) -> None:
+    """output_dir must be writable and apart from every input (overwrite_output_dir deletes it)."""
+    from dpruner.paths import data_dir
+
+    protect([Output("output_dir", config.output_dir)],
+            {"model": model_input(config.model_name_or_path), "general_importance_dir": config.general_importance_dir,
+             "data folder": data_dir(config.data_dir), "deepspeed config": config.deepspeed,
+             "mednli_file": config.mednli_file, "pubmedqa_artificial_file": config.pubmedqa_artificial_file})
+
+
 def identity(config: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in config.to_dict().items() if k not in NON_IDENTITY_KEYS}
 
@@ -84,7 +97,7 @@ def identity(config: TrainConfig) -> dict[str, Any]:
 class Stage2:
     """One training run; `run()` returns a summary dict (rank 0 also writes it)."""
 
-    def __init__(self, config: TrainConfig, runtime: Runtime) -> None:
+    def __init__(self, config: TrainConfig, runtime: Runtime, allow_other_model: bool = False) -> None:
         self.config = config
         self.rt = runtime
         self.out = Path(config.output_dir)
@@ -100,8 +113,15 @@ class Stage2:
                                "whole gradients); use a DeepSpeed config without stage 3, or deepspeed=null")
         if self.dtype == torch.float16 and not config.clip_grad_norm:
             raise DPrunerError("fp16 training needs clip_grad_norm: overflow is detected in the norm pass (as LOMO)")
+        meta_skeleton(config.model_name_or_path)  # architecture and weight files, before anything heavy
+        protect_stage2(config)
+        if config.regularizer != "none":
+            check_same_model(ScoreSet.open(config.general_importance_dir).manifest, config.general_importance_dir,
+                             config.model_name_or_path, allow_other_model)
+        self.fingerprint = fingerprint(config.model_name_or_path)
         self.state = self._initial_state()
         self._loss_checked = False
+        self._steps_before = 0  # importance steps accumulated before the epoch this run resumed from
 
     # ---------- output folder and resume ----------
     def _initial_state(self) -> dict[str, Any]:
@@ -145,15 +165,13 @@ class Stage2:
         return ds
 
     def _load_model(self, source: str):
-        from transformers import AutoModelForCausalLM
-
         ds_config = self._ds_config() if self.config.deepspeed else None
         keep_alive = None
         if ds_config and ds_config["zero_optimization"].get("stage", 0) == 3:
             from transformers.integrations import HfDeepSpeedConfig
 
             keep_alive = HfDeepSpeedConfig(ds_config)  # makes from_pretrained build partitioned (zero.Init)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=self.dtype)
+        model = load_causal_lm(source, source, dtype=self.dtype)
         model.config.use_cache = False
         if self.config.regularizer == "grad_penalty":
             model.set_attn_implementation(DOUBLE_BACKWARD_ATTENTION)
@@ -190,11 +208,13 @@ class Stage2:
     def _save_importance(self, folder: Path, epoch: int) -> None:
         if not self.rt.is_main:
             return
-        num_layers = self.model.config.num_hidden_layers
-        save_score_folder(folder, self.importance.layer_scores(num_layers), kind="dual_importance",
+        layers = self.importance.layer_scores(self.model.config.num_hidden_layers)
+        check_finite_scores(folder, layers)
+        save_score_folder(folder, layers, kind="dual_importance",
                           model=self.config.model_name_or_path, settings=identity(self.config),
                           extra={"epochs": epoch, "global_step": self.state["global_step"],
-                                 "steps_accumulated": len(self.importance.steps_accumulated)})
+                                 "steps_accumulated": self._steps_before + len(self.importance.steps_accumulated),
+                                 FINGERPRINT_KEY: self.fingerprint})
 
     def _save_epoch(self, epoch: int) -> None:
         folder = self._epoch_dir(epoch)
@@ -204,6 +224,7 @@ class Stage2:
             with atomic_dir(folder / "checkpoint") as tmp:
                 self.model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
                 self.tokenizer.save_pretrained(tmp)
+                write_checksums(tmp)
             self.state.update(epochs_done=epoch, loss_scale=self.lomo.loss_scale if self.scaler else None,
                               last_update_lr=self.lomo.last_update_lr,
                               previous_step_updated=self.lomo.previous_step_updated)
@@ -255,6 +276,8 @@ class Stage2:
             if config.overwrite_output_dir and not resumed_from and self.out.exists():
                 shutil.rmtree(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
+            if not resumed_from:  # from now on a rerun of this config resumes here, even if killed at once
+                write_json(self.out / STATE_FILE, self.state)
             (self.out / "config.yaml").write_text(dump_config(config))
         rt.barrier()
         self.scaler = DynamicLossScaler(self.state["loss_scale"] or config.initial_loss_scale) \
@@ -322,9 +345,9 @@ class Stage2:
                 csv_path, plot_path = self.mixture.write_log()
                 summary.update(proportions_csv=str(csv_path), proportions_plot=str(plot_path))
         if rt.is_main:
+            write_json(self.out / "summary.json", summary)  # before `complete`: a kill in between reruns the end
             self.state["complete"] = True
             write_json(self.out / STATE_FILE, self.state)
-            write_json(self.out / "summary.json", summary)
         rt.barrier()
         return summary
 
@@ -354,15 +377,16 @@ class Stage2:
 
     def _restore_importance(self, folder: Path) -> None:
         layers = load_score_layers(folder)
+        self._steps_before = int(ScoreSet.open(folder).manifest.get("steps_accumulated", 0))
         for name, (index, module) in self.importance.targets.items():
             self.importance.scores[name].copy_(layers[index][module])
 
 
-def train(config: TrainConfig) -> dict[str, Any] | None:
+def train(config: TrainConfig, allow_other_model: bool = False) -> dict[str, Any] | None:
     """Run stage 2; the summary is returned on rank 0 only (None elsewhere)."""
     runtime = init_runtime(bool(config.deepspeed))
     try:
-        summary = Stage2(config, runtime).run()
+        summary = Stage2(config, runtime, allow_other_model).run()
         return summary if runtime.is_main else None
     finally:
         shutdown()

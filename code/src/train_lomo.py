@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `code/` (no inst
 
 from dpruner import cli  # noqa: E402
 from dpruner.config import TrainConfig, load_config  # noqa: E402
+from dpruner.provenance import ALLOW_OPTION  # noqa: E402
 
 
 def build_parser():
@@ -35,6 +36,8 @@ def build_parser():
                         help=f"config overrides; keys: {', '.join(TrainConfig().to_dict())}")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher (the rank comes from the environment)")
+    parser.add_argument(ALLOW_OPTION, action="store_true",
+                        help="use general_importance_dir even if its manifest says it was computed for another model")
     return parser
 
 
@@ -44,7 +47,7 @@ def main(argv=None) -> int:
     cli.quiet_libraries()
     from dpruner.trainer import main_summary, train
 
-    summary = train(config)
+    summary = train(config, allow_other_model=args.allow_other_model)
     if summary is not None:
         print(main_summary(summary))
     return 0

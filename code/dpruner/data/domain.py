@@ -62,7 +62,7 @@ def casehold_texts(path: Path, count: int | None) -> list[str]:
             raise DPrunerError(f"{where}: label {row['label']!r} is not one of 0..4")
         texts.append(CASEHOLD_TEMPLATE.format(**{k: row[k] for k in keys if k != "label"}, label=label,
                                               ordinal=ORDINALS[int(label)]))
-    return texts
+    return _take(texts, count, f"CaseHOLD ({path.name})")  # read with limit=count; warns when short
 
 
 def billsum_texts(path: Path, count: int | None) -> list[str]:

@@ -17,6 +17,7 @@ from typing import Any
 from dpruner.data.calibration import C4_HELDOUT_FILES
 from dpruner.data.files import as_list, data_file, describe, read_jsonl, read_jsonl_numbered
 from dpruner.errors import DPrunerError
+from dpruner.validate import read_text_utf8
 
 # Row counts the original evaluates on (upstream notes §5, protocol notes).
 MULTILEGALPILE_TEXTS = 300  # legal_perplexity_evaluation.py reads all 300 MultiLegalPile rows
@@ -202,7 +203,7 @@ def text_file(file: str, limit: int | None = MEDICAL_PPL_TEXTS) -> EvalSet:
     if path.suffix in (".jsonl", ".json", ".gz"):
         texts = [_text(row, "text", where) for where, row in _numbered_rows(path, ("text",), limit)]
     else:
-        content = path.read_text(encoding="utf-8")
+        content = read_text_utf8(path)
         separator = r"\n\s*\n" if re.search(r"\n\s*\n", content.strip()) else r"\n"
         texts = [block.strip() for block in re.split(separator, content) if block.strip()][:limit]
         if not texts:

@@ -14,6 +14,7 @@ from typing import Any
 from dpruner.errors import DPrunerError
 from dpruner.io import sha256_file
 from dpruner.paths import REPO_ROOT, data_dir
+from dpruner.validate import decode_utf8
 
 DATA_MANIFEST = REPO_ROOT / "legal_pruning_data" / "manifest.json"
 
@@ -42,8 +43,9 @@ def describe(path: Path) -> dict[str, Any]:
     return {"path": str(path), "sha256": sha256_file(path)}
 
 
-def open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+def open_bytes(path: Path):
+    """Data files are read as bytes and decoded line by line, so bad UTF-8 is reported as file:line."""
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
 def read_jsonl_numbered(path: str | os.PathLike, required: Iterable[str] = (),
@@ -54,13 +56,14 @@ def read_jsonl_numbered(path: str | os.PathLike, required: Iterable[str] = (),
     required = tuple(required)
     rows: list[tuple[str, dict[str, Any]]] = []
     try:
-        handle = open_text(path)
+        handle = open_bytes(path)
     except FileNotFoundError:
         raise DPrunerError(f"{path}: file not found") from None
     with handle:
-        for lineno, line in enumerate(handle, start=1):
+        for lineno, raw in enumerate(handle, start=1):
             if limit is not None and len(rows) >= limit:
                 break
+            line = decode_utf8(raw, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -86,8 +89,8 @@ def read_jsonl(path: str | os.PathLike, required: Iterable[str] = (), limit: int
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     try:
-        with open_text(path) as handle:
-            return json.load(handle)
+        with open_bytes(path) as handle:
+            return json.loads(decode_utf8(handle.read(), path))
     except FileNotFoundError:
         raise DPrunerError(f"{path}: file not found") from None
     except json.JSONDecodeError as err:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from dpruner import cli
+from dpruner.checkpoint import PICKLE_SUFFIXES, pickle_refusal
 from dpruner.data.eval_sets import EvalSet
 from dpruner.errors import DPrunerError
 from dpruner.evaluation.choice import score_choices
@@ -28,12 +29,11 @@ from dpruner.evaluation.generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SEED, 
 from dpruner.evaluation.metrics import accuracy, macro_f1, rouge
 from dpruner.evaluation.perplexity import sliding_windows, window_perplexity
 from dpruner.export import REPORT_NAME, sparsity_report, versions
+from dpruner.guard import Output, model_input, model_inputs, protect
 from dpruner.io import atomic_path, read_json, write_json
 from dpruner.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model
 
 FAMILIES = ("perplexity", "choice", "generation")
-# torch.save(model) files as the original's stage 3 writes them; unpickling them can run arbitrary code.
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 # Config fields that must agree between the base model (tokenizer) and the evaluated model.
 ARCHITECTURE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
 DEFAULT_OUT_DIR = "outputs/eval"
@@ -115,9 +115,7 @@ def _model_folder(name: str, role: str) -> str:
     path = Path(name).expanduser()
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
-            raise DPrunerError(f"{role} {path} is a pickled model file (torch.save, as the original's save_model.py "
-                               "writes); unpickling can run arbitrary code, so only Hugging Face folders "
-                               "(safetensors) are loaded: save the model with save_pretrained and pass the folder")
+            raise pickle_refusal(path, role)
         raise DPrunerError(f"{role} {path} is a file; expected a Hugging Face model folder")
     return resolve_model(name)
 
@@ -271,6 +269,10 @@ def main(task: Task, description: str, argv: Sequence[str] | None = None, prog: 
     out = cli.resolve_out(args.out) or _default_out(task, args.pruned_model)
     if out.is_dir():
         raise DPrunerError(f"--out {out} is a folder; expected a .json file path")
+    protect([Output("--out", out, folder=False), Output("per-example output", examples_path(out), folder=False)],
+            model_inputs(args.base_model, args.data_dir, **{"pruned model": model_input(args.pruned_model),
+                                                            "text file": getattr(args, "text_file", None),
+                                                            "data file": getattr(args, "file", None)}))
     data = task.load(args)
     loaded = load_models(args)
     load_seconds = time.perf_counter() - started

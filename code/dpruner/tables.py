@@ -112,7 +112,7 @@ def load_results(folder: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
     for path in sorted(folder.glob("*/*.json")):
         result = read_json(path)
         examples = path.with_name(f"{path.stem}.examples.jsonl")
-        if examples.is_file():
+        if examples.is_file() and isinstance(result, dict):  # other shapes are refused by validate.check_results
             result[EXAMPLES_KEY] = examples
         results.setdefault(path.parent.name, {})[path.stem] = result
     if not results:

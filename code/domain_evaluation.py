@@ -14,6 +14,7 @@ import argparse
 
 from dpruner import cli
 from dpruner.data.eval_sets import PERPLEXITY
+from dpruner.data.spec import load_domain
 from dpruner.evaluation import runner
 
 # Forward passes per batch: windows (perplexity), candidates of one example, prompts (generation).
@@ -24,13 +25,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--domain", required=True, help="legal, medical, or a domain YAML path")
     parser.add_argument("--task", default=PERPLEXITY, help=f"{PERPLEXITY} or a task of the domain's spec")
     parser.add_argument("--file", default=None, help="replace the task's data file (a task whose data you supply)")
+    parser.add_argument("--list-tasks", action="store_true",
+                        help="print the domain's tasks that have data (task, result name, family) and exit")
 
 
 def main(argv=None) -> int:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--domain", default="legal")
     pre.add_argument("--task", default=PERPLEXITY)
+    pre.add_argument("--list-tasks", action="store_true")
     picked, _ = pre.parse_known_args(argv)
+    if picked.list_tasks:  # for scripts/pipeline.sh: one "TASK RESULT_NAME FAMILY" line per task it can run
+        spec = load_domain(picked.domain)
+        for name in spec.task_names(available_only=True):
+            family = "perplexity" if name == PERPLEXITY else spec.tasks[name].type
+            print(name, spec.result_name(name), family)
+        return 0
     task = runner.spec_task(picked.domain, picked.task, BATCH_SIZE, add_arguments=add_arguments)
     return runner.main(task, __doc__, argv, prog="domain_evaluation.py")
 

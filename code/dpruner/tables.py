@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dpruner.data.spec import PERPLEXITY, load_domain
 from dpruner.errors import DPrunerError
 from dpruner.io import read_json
 
@@ -65,6 +66,27 @@ COLUMNS: dict[str, list[Column]] = {
     ],
 }
 
+
+
+def domain_columns(domain: str) -> list[Column]:
+    """The paper's layout of a shipped domain (COLUMNS), else one set of columns per task of the
+    domain's spec (a YAML path): perplexity, accuracy + macro-F1, ROUGE-1/2/L; then WikiText-2."""
+    if domain in COLUMNS:
+        return COLUMNS[domain]
+    spec = load_domain(domain)
+    columns = []
+    if spec.perplexity is not None:
+        task = spec.result_name(PERPLEXITY)
+        columns += [Column(spec.perplexity.title, task, _ppl(None), lower_is_better=True),
+                    Column(f"{spec.perplexity.title} (token-weighted)", task, _ppl(None, "ppl_token_weighted"),
+                           lower_is_better=True)]
+    for name, task in spec.tasks.items():
+        metrics = (("acc", "accuracy"), ("F1", "macro_f1")) if task.type == "choice" else \
+            (("R-1", "rouge1"), ("R-2", "rouge2"), ("R-L", "rougeL"))
+        columns += [Column(f"{task.title} {short}", name, _metric(key), percent=True) for short, key in metrics]
+    return [*columns, WIKITEXT]
+
+
 # Display names of the row labels the scripts use; unknown labels are shown as they are.
 ROW_NAMES = {
     DENSE: "Dense",
@@ -106,14 +128,13 @@ class Table:
 
 def build_table(results: dict[str, dict[str, dict[str, Any]]], domain: str,
                 labels: Sequence[str] | None = None) -> Table:
-    if domain not in COLUMNS:
-        raise DPrunerError(f"unknown domain {domain!r}; expected one of {', '.join(COLUMNS)}")
+    layout = domain_columns(domain)
     order = list(labels) if labels else sorted(results, key=lambda l: (l != DENSE, list(ROW_NAMES).index(l)
                                                                         if l in ROW_NAMES else len(ROW_NAMES), l))
     missing = [label for label in order if label not in results]
     if missing:
         raise DPrunerError(f"no results for row(s) {', '.join(missing)}; have {', '.join(sorted(results))}")
-    columns = [c for c in COLUMNS[domain] if any(c.task in results[label] for label in order)]
+    columns = [c for c in layout if any(c.task in results[label] for label in order)]
     rows = []
     for label in order:
         values = {}

@@ -18,11 +18,9 @@ from typing import Any
 
 from dpruner.data.calibration import C4_HELDOUT_FILES
 from dpruner.data.files import as_list, data_file, describe, read_jsonl, read_jsonl_numbered
-from dpruner.data.spec import DomainSpec, Perplexity, Source, Task, load_domain
+from dpruner.data.spec import PERPLEXITY, DomainSpec, Perplexity, Source, Task, load_domain
 from dpruner.errors import DPrunerError
 
-# The task name of a domain's perplexity text (its other tasks are named in the spec).
-PERPLEXITY = "perplexity"
 # The paper's medical perplexity text: 300 Harrison paragraphs (a --text-file takes as many).
 TEXT_FILE_TEXTS = 300
 
@@ -135,14 +133,9 @@ def task_set(spec: DomainSpec, task: str, data_dir: str | None = None, limit: in
             raise DPrunerError(f"domain {spec.name} ({spec.path}) declares no perplexity text")
         return perplexity_set(spec.perplexity, data_dir, limit)
     if task not in spec.tasks:
-        raise DPrunerError(f"domain {spec.name} has no task {task!r}; expected one of "
-                           f"{', '.join(task_names(spec))}")
+        raise DPrunerError(f"domain {spec.name} has no task {task!r}; expected one of {', '.join(spec.task_names())}")
     loader = choice_set if spec.tasks[task].type == "choice" else generation_set
     return loader(spec.tasks[task], data_dir, limit, file)
-
-
-def task_names(spec: DomainSpec) -> tuple[str, ...]:
-    return ((PERPLEXITY,) if spec.perplexity else ()) + tuple(spec.tasks)
 
 
 def shipped_task(domain: str, task: str) -> Callable[..., EvalSet]:

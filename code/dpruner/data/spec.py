@@ -31,6 +31,8 @@ ORDERS = ("file", "spread")  # first N rows in file order | N rows evenly spaced
 TASK_TYPES = ("choice", "generation")
 # `{stdlib}` in a file path: this interpreter's standard-library folder (examples/domains/python-code.yaml).
 PATH_VARIABLES = {"stdlib": sysconfig.get_paths()["stdlib"]}
+# The task name of a domain's perplexity text (its other tasks are named in the spec).
+PERPLEXITY = "perplexity"
 # Row fields of `format: text` (one row per file, or per `separator`-delimited chunk of a file).
 TEXT_FIELDS = ("text", "file")
 
@@ -310,6 +312,17 @@ class DomainSpec:
     perplexity: Perplexity | None
     tasks: Mapping[str, Task] = field(default_factory=dict)
     calibration: tuple[TrainingSource, ...] | None = None
+
+    def task_names(self, available_only: bool = False) -> tuple[str, ...]:
+        """`perplexity` (when declared) and the tasks; `available_only` leaves out tasks whose file the
+        user must supply (MedNLI)."""
+        tasks = tuple(n for n, t in self.tasks.items() if t.source.files or not available_only)
+        return ((PERPLEXITY,) if self.perplexity else ()) + tasks
+
+    def result_name(self, task: str) -> str:
+        """Result file name of a task: `<domain>_perplexity` for the perplexity text (legal_perplexity, as
+        the original's script is named), else the task's name (casehold)."""
+        return f"{self.name}_{PERPLEXITY}" if task == PERPLEXITY else task
 
 
 def _training_sources(raw: Any, where: str, base: Path) -> tuple[TrainingSource, ...]:

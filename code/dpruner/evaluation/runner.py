@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from dpruner import cli
-from dpruner.data.eval_sets import PERPLEXITY, EvalSet, task_names, task_set
+from dpruner.data.eval_sets import PERPLEXITY, EvalSet, task_set
 from dpruner.data.spec import DomainSpec, load_domain
 from dpruner.errors import DPrunerError
 from dpruner.evaluation.choice import score_choices
@@ -59,12 +59,6 @@ class Task:
 FAMILY_OF_TYPE = {"choice": "choice", "generation": "generation"}
 
 
-def task_name(spec: DomainSpec, task: str) -> str:
-    """Result name of a domain task: `<domain>_perplexity` for the perplexity text (legal_perplexity,
-    as the original's script names), else the spec's task name (casehold)."""
-    return f"{spec.name}_{PERPLEXITY}" if task == PERPLEXITY else task
-
-
 def spec_task(domain: str | DomainSpec, task: str, batch_size: int,
               add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
               load: Callable[[argparse.Namespace], EvalSet] | None = None) -> Task:
@@ -72,17 +66,16 @@ def spec_task(domain: str | DomainSpec, task: str, batch_size: int,
     its data, row count, and for perplexity its window and stride. `load` replaces the spec's loader
     (medical perplexity with --text-file); a positional `file` argument replaces the task's file."""
     spec = domain if isinstance(domain, DomainSpec) else load_domain(domain)
-    if task != PERPLEXITY and task not in spec.tasks:
-        raise DPrunerError(f"domain {spec.name} has no task {task!r}; expected one of {', '.join(task_names(spec))}")
-    if task == PERPLEXITY and spec.perplexity is None:
-        raise DPrunerError(f"domain {spec.name} ({spec.path}) declares no perplexity text")
+    if task not in spec.task_names():
+        raise DPrunerError(f"domain {spec.name} ({spec.path}) has no task {task!r}; expected one of "
+                           f"{', '.join(spec.task_names())}")
     load = load or (lambda args: task_set(spec, task, args.data_dir, args.limit, getattr(args, "file", None)))
     if task == PERPLEXITY:
-        return Task(task_name(spec, task), "perplexity", load, limit=spec.perplexity.source.count,
+        return Task(spec.result_name(task), "perplexity", load, limit=spec.perplexity.source.count,
                     batch_size=batch_size, max_length=spec.perplexity.window, stride=spec.perplexity.stride,
                     add_arguments=add_arguments)
     definition = spec.tasks[task]
-    return Task(task_name(spec, task), FAMILY_OF_TYPE[definition.type], load, limit=definition.source.count,
+    return Task(spec.result_name(task), FAMILY_OF_TYPE[definition.type], load, limit=definition.source.count,
                 batch_size=batch_size, add_arguments=add_arguments)
 
 

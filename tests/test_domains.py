@@ -164,3 +164,26 @@ def test_bad_spec_fails_the_cli_before_the_model_loads(case, tmp_path):
     result = run_cli("prune_baseline.py", "wanda", str(tmp_path / "no-model"), str(out), "--calibration", str(path))
     assert result.returncode == 2 and message in error_line(result)
     assert not out.exists()
+
+
+def test_generated_choice_puts_each_answer_among_other_rows_answers(tmp_path):
+    rows = [{"question": f"q{i}", "answer": f"a{i % 5}"} for i in range(8)]  # a0 repeats: not a distractor of itself
+    path = write_spec(tmp_path, TEMPLATE.replace("{q}", "{question}").replace("{a}", "{answer}"), rows)
+    path.write_text(path.read_text() + "tasks:\n  pick:\n    type: choice\n    file: rows.jsonl\n"
+                    "    context: '{question}:'\n    answer_field: answer\n    distractors: 2\n")
+    items = eval_sets.task_set(load_domain(path), "pick").items
+    for index, item in enumerate(items):
+        assert item.label == index % 3 and item.candidates[item.label] == rows[index]["answer"]
+        assert len(set(item.candidates)) == 3 and item.context == f"q{index}:"
+
+
+def test_custom_domain_table_has_a_column_set_per_task():
+    from dpruner.tables import build_table
+
+    results = {"dense": {"python-code_perplexity": {"metrics": {"stdlib_holdout": {"ppl_window_mean": 4.0,
+                                                                                     "ppl_token_weighted": 3.0}}},
+                         "function_body": {"metrics": {"accuracy": 0.5, "macro_f1": 0.25}}}}
+    table = build_table(results, str(PYTHON_CODE))
+    assert [c.title for c in table.columns] == ["Code ppl", "Code ppl (token-weighted)",
+                                             "Function body acc", "Function body F1"]
+    assert table.value("dense", table.columns[2]) == 0.5

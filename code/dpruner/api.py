@@ -42,9 +42,13 @@ def _cli(script: str) -> ModuleType:
 
 
 def _run(script: str, argv: Sequence[Any]) -> None:
-    code = _cli(script).main([str(a) for a in argv])
+    argv = [str(a) for a in argv]
+    try:
+        code = _cli(script).main(argv)
+    except SystemExit as exit_:  # argparse refused an option; it printed the reason
+        code = exit_.code
     if code:
-        raise DPrunerError(f"{script} exited with {code}")
+        raise DPrunerError(f"{script} {' '.join(argv)}: exited with {code} (its error is printed above)")
 
 
 def _options(**options: Any) -> list[str]:

@@ -90,14 +90,37 @@ def _sources(source: Source, data_dir: str | None, file: str | None) -> list[dic
 def choice_set(task: Task, data_dir: str | None = None, limit: int | None = None,
                file: str | None = None) -> EvalSet:
     """A multiple-choice test set of a domain spec; `limit` None = the spec's count, `file` replaces its file."""
+    rows = task.source.rows(data_dir, task.row_fields(), limit, override=file)
+    answers = [_text(row, task.answer_field, where) for where, row in rows] if task.answer_field else []
+    if answers and len(set(answers)) <= task.distractors:
+        raise DPrunerError(f"{task.source.where}: {len(set(answers))} distinct {task.answer_field} values cannot give "
+                           f"{task.distractors} distractors each")
     items = []
-    for where, row in task.source.rows(data_dir, task.row_fields(), limit, override=file):
-        label = _label(row, task.label, task.labels, where)
+    for index, (where, row) in enumerate(rows):
+        if task.answer_field:
+            label, options = _with_distractors(answers, index, task.distractors)
+        else:
+            label = _label(row, task.label, task.labels, where)
+            options = task.candidates or tuple(_text(row, key, where) for key in task.candidate_fields)
         context = task.prompt.render(row, where, non_empty=True)
-        options = task.candidates or tuple(_text(row, key, where) for key in task.candidate_fields)
         candidates = tuple(task.candidate_template.replace("{candidate}", option) for option in options)
         items.append(ChoiceExample(str(row.get(task.id, where)) if task.id else where, context, candidates, label))
     return EvalSet(items, _sources(task.source, data_dir, file), task.labels)
+
+
+def _with_distractors(answers: Sequence[str], index: int, count: int) -> tuple[int, tuple[str, ...]]:
+    """Row `index`'s answer among the next `count` different answers (cyclically), the gold answer at
+    position index mod (count + 1): deterministic, and every position is gold equally often."""
+    gold = answers[index]
+    others: list[str] = []
+    step = 1
+    while len(others) < count:
+        other = answers[(index + step) % len(answers)]
+        if other != gold and other not in others:
+            others.append(other)
+        step += 1
+    position = index % (count + 1)
+    return position, (*others[:position], gold, *others[position:])
 
 
 def generation_set(task: Task, data_dir: str | None = None, limit: int | None = None,

@@ -156,6 +156,7 @@ class Source:
     files: tuple[str, ...]
     format: str
     separator: str | None
+    pattern: re.Pattern | None
     order: str
     start: int
     count: int | None
@@ -176,10 +177,16 @@ class Source:
                                   or not all(isinstance(f, str) for f in files)):
             raise DPrunerError(f"{where}: file must be a name, a path or a non-empty list of paths")
         fmt = _choice(raw, "format", FORMATS, where, "jsonl")
-        separator = _typed(raw, "separator", str, where)
-        if separator is not None and fmt != "text":
-            raise DPrunerError(f"{where}: separator applies to format text only")
-        return Source(tuple(files or ()), fmt, separator, _choice(raw, "order", ORDERS, where, "file"),
+        separator, pattern = _typed(raw, "separator", str, where), _typed(raw, "pattern", str, where)
+        if (separator is not None or pattern is not None) and fmt != "text":
+            raise DPrunerError(f"{where}: separator and pattern apply to format text only")
+        if separator is not None and pattern is not None:
+            raise DPrunerError(f"{where}: give separator (split the file) or pattern (one row per match), not both")
+        try:
+            compiled = re.compile(pattern) if pattern is not None else None
+        except re.error as err:
+            raise DPrunerError(f"{where}: pattern {pattern!r} is not a regular expression ({err})") from None
+        return Source(tuple(files or ()), fmt, separator, compiled, _choice(raw, "order", ORDERS, where, "file"),
                       _count(raw, "start", where, 0), _count(raw, "count", where, default_count), base, where,
                       _typed(raw, "file_key", str, where), _typed(raw, "missing", str, where, ""))
 
@@ -216,6 +223,11 @@ class Source:
                 yield from ((f"{path}: item {i}", entry) for i, entry in enumerate(data))
             else:
                 raise DPrunerError(f"{path}: expected a JSON object (id -> row) or a list of rows")
+        elif self.pattern is not None:  # one row per match: its named groups, `text` and `file`
+            text = path.read_text(encoding="utf-8")
+            for match in self.pattern.finditer(text):
+                line = text.count("\n", 0, match.start()) + 1
+                yield f"{path}:{line}", {**match.groupdict(), "text": match.group(0), "file": path.name}
         else:
             text = path.read_text(encoding="utf-8")
             chunks = text.split(self.separator) if self.separator else [text]
@@ -237,6 +249,8 @@ class Source:
             rows.extend(self._read(path, None if limit is None else limit - len(rows)))
             if limit is not None and len(rows) >= limit:
                 break
+        if not rows:
+            raise DPrunerError(f"{self.where}: {', '.join(map(str, self.paths(data_dir, override)))} give no rows")
         rows = rows[self.start:]
         if count is not None and count < len(rows):
             rows = rows[:count] if self.order == "file" else [rows[i * len(rows) // count] for i in range(count)]
@@ -292,11 +306,13 @@ class Task:
     candidates: tuple[str, ...] = ()  # literal candidates (PubMedQA: yes / no / maybe) ...
     candidate_fields: tuple[str, ...] = ()  # ... or one row field per candidate (CaseHOLD holdings)
     candidate_template: str = "{candidate}"
+    answer_field: str | None = None  # ... or this row's answer among `distractors` answers of other rows
+    distractors: int = 0
     reference: str | None = None
     id: str | None = None
 
     def row_fields(self) -> tuple[str, ...]:
-        extra = (self.label, self.reference, *self.candidate_fields)
+        extra = (self.label, self.reference, self.answer_field, *self.candidate_fields)
         return tuple(dict.fromkeys((*self.prompt.row_fields(), *(f for f in extra if f))))
 
 
@@ -332,8 +348,8 @@ def _training_sources(raw: Any, where: str, base: Path) -> tuple[TrainingSource,
     for index, item in enumerate(raw):
         at = f"{where}[{index}]"
         item = _check_keys(item, at, ("name", "template"),
-                           ("file", "file_key", "missing", "format", "separator", "order", "start", "count",
-                            "count_key", "fields"))
+                           ("file", "file_key", "missing", "format", "separator", "pattern", "order", "start",
+                            "count", "count_key", "fields"))
         sources.append(TrainingSource(str(item["name"]), Source.parse(item, at, base),
                                       Template.parse(item["template"], item.get("fields"), f"{at}: template"),
                                       _typed(item, "count_key", str, at)))
@@ -342,7 +358,8 @@ def _training_sources(raw: Any, where: str, base: Path) -> tuple[TrainingSource,
 
 def _perplexity(raw: Any, where: str, base: Path) -> Perplexity:
     raw = _check_keys(raw, where, ("name", "file", "field"),
-                      ("format", "separator", "order", "start", "count", "join", "joiner", "window", "stride", "title"))
+                      ("format", "separator", "pattern", "order", "start", "count", "join", "joiner", "window",
+                       "stride", "title"))
     window, stride = _count(raw, "window", where, 2048), _count(raw, "stride", where, 512)
     if not window or not stride or stride > window:
         raise DPrunerError(f"{where}: need 1 <= stride <= window, got window {window}, stride {stride}")
@@ -353,14 +370,17 @@ def _perplexity(raw: Any, where: str, base: Path) -> Perplexity:
 
 def _task(name: str, raw: Any, where: str, base: Path) -> Task:
     kind = raw.get("type") if isinstance(raw, dict) else None
-    common = ("type", "file", "file_key", "missing", "format", "separator", "order", "start", "count", "id", "title",
-              "fields")
+    common = ("type", "file", "file_key", "missing", "format", "separator", "pattern", "order", "start", "count", "id",
+              "title", "fields")
+    if kind == "choice" and "answer_field" in raw:
+        return _generated_choice(name, raw, where, base, common)
     if kind == "choice":
         raw = _check_keys(raw, where, ("context", "label"),
                           (*common, "candidates", "candidate_fields", "candidate_template", "labels"))
         literal, from_fields = raw.get("candidates"), raw.get("candidate_fields")
         if (literal is None) == (from_fields is None):
-            raise DPrunerError(f"{where}: give exactly one of candidates (a list) or candidate_fields")
+            raise DPrunerError(f"{where}: give exactly one of candidates (a list), candidate_fields, or "
+                               "answer_field (+ distractors)")
         options = literal if literal is not None else from_fields
         if not isinstance(options, list) or len(options) < 2:
             raise DPrunerError(f"{where}: {'candidates' if literal else 'candidate_fields'} must list >= 2 entries")
@@ -382,6 +402,21 @@ def _task(name: str, raw: Any, where: str, base: Path) -> Task:
                     _typed(raw, "title", str, where, name), reference=str(raw["reference"]),
                     id=_typed(raw, "id", str, where))
     raise DPrunerError(f"{where}: type={kind!r}; expected one of {', '.join(TASK_TYPES)}")
+
+
+def _generated_choice(name: str, raw: dict[str, Any], where: str, base: Path, common: Sequence[str]) -> Task:
+    """A multiple-choice task built from (question, answer) rows: each row's answer against the answers of
+    the next `distractors` rows, the gold answer at position row index mod (distractors + 1)."""
+    raw = _check_keys(raw, where, ("context", "answer_field", "distractors"), (*common, "candidate_template"))
+    distractors = _count(raw, "distractors", where)
+    if not distractors:
+        raise DPrunerError(f"{where}: distractors must be >= 1")
+    candidate_template = _typed(raw, "candidate_template", str, where, "{candidate}")
+    return Task(name, "choice", Source.parse(raw, where, base),
+                Template.parse(raw["context"], raw.get("fields"), f"{where}: context"),
+                _typed(raw, "title", str, where, name), labels=tuple(str(i) for i in range(distractors + 1)),
+                candidate_template=candidate_template, answer_field=str(raw["answer_field"]),
+                distractors=distractors, id=_typed(raw, "id", str, where))
 
 
 def domain_path(name_or_path: str | os.PathLike) -> Path:

@@ -187,3 +187,27 @@ def test_custom_domain_table_has_a_column_set_per_task():
     assert [c.title for c in table.columns] == ["Code ppl", "Code ppl (token-weighted)",
                                              "Function body acc", "Function body F1"]
     assert table.value("dense", table.columns[2]) == 0.5
+
+
+def load_cli(script: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"cli_{Path(script).stem}", REPO / "code" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("script,argv", [
+    ("src/train_lomo.py", [str(REPO / "config/args_lomo.yaml"), "model_name_or_path=/no/model", "domain={spec}"]),
+    ("domain_evaluation.py", ["/no/model", "/no/model", "--domain", "{spec}", "--task", "perplexity"]),
+    ("general.py", ["/no/model", "{spec}"]),
+])
+def test_every_domain_cli_stops_on_a_bad_spec_with_exit_2(script, argv, tmp_path, capsys):
+    from dpruner import cli
+
+    path = write_spec(tmp_path, BAD_SPECS["typo_key"][0])
+    with pytest.raises(SystemExit) as info:
+        cli.run(load_cli(script), [a.replace("{spec}", str(path)) for a in argv])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and line.startswith("error: ") and "unknown key 'cuont'" in line

@@ -67,6 +67,7 @@ def calibration_texts(spec: DomainSpec, data_dir: str | os.PathLike | None = Non
 
 def domain_texts(config) -> list[str]:
     """Stage 2's strings for a TrainConfig: its domain's spec, counts and files from the config, its seed."""
-    settings = {key: getattr(config, key) for source in load_domain(config.domain).training
+    spec = load_domain(config.domain)
+    settings = {key: getattr(config, key) for source in spec.training
                 for key in (source.count_key, source.source.file_key) if key and hasattr(config, key)}
-    return training_texts(load_domain(config.domain), config.data_dir, settings, seed=config.seed)
+    return training_texts(spec, config.data_dir, settings, seed=config.seed)

@@ -175,6 +175,7 @@ def test_generated_choice_puts_each_answer_among_other_rows_answers(tmp_path):
     for index, item in enumerate(items):
         assert item.label == index % 3 and item.candidates[item.label] == rows[index]["answer"]
         assert len(set(item.candidates)) == 3 and item.context == f"q{index}:"
+    assert eval_sets.task_set(load_domain(path), "pick", limit=2).items == items[:2]  # --limit keeps the questions
 
 
 def test_custom_domain_table_has_a_column_set_per_task():

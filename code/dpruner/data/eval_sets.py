@@ -90,7 +90,8 @@ def _sources(source: Source, data_dir: str | None, file: str | None) -> list[dic
 def choice_set(task: Task, data_dir: str | None = None, limit: int | None = None,
                file: str | None = None) -> EvalSet:
     """A multiple-choice test set of a domain spec; `limit` None = the spec's count, `file` replaces its file."""
-    rows = task.source.rows(data_dir, task.row_fields(), limit, override=file)
+    # Generated candidates come from all the spec's rows, so a question does not change with `limit`.
+    rows = task.source.rows(data_dir, task.row_fields(), None if task.answer_field else limit, override=file)
     answers = [_text(row, task.answer_field, where) for where, row in rows] if task.answer_field else []
     if answers and len(set(answers)) <= task.distractors:
         raise DPrunerError(f"{task.source.where}: {len(set(answers))} distinct {task.answer_field} values cannot give "
@@ -105,6 +106,8 @@ def choice_set(task: Task, data_dir: str | None = None, limit: int | None = None
         context = task.prompt.render(row, where, non_empty=True)
         candidates = tuple(task.candidate_template.replace("{candidate}", option) for option in options)
         items.append(ChoiceExample(str(row.get(task.id, where)) if task.id else where, context, candidates, label))
+    if task.answer_field and limit is not None and limit < len(items):
+        items = task.source.select(items, limit)
     return EvalSet(items, _sources(task.source, data_dir, file), task.labels)
 
 

@@ -239,6 +239,12 @@ class Source:
                     yield f"{path}:{line + offset}", {"text": body, "file": path.name}
                 line += chunk.count("\n") + (self.separator.count("\n") if self.separator else 0)
 
+    def select(self, items: Sequence[Any], count: int | None) -> list[Any]:
+        """`count` of `items` by `order`: the first ones, or evenly spaced (None = all)."""
+        if count is None or count >= len(items):
+            return list(items)
+        return list(items[:count]) if self.order == "file" else [items[i * len(items) // count] for i in range(count)]
+
     def rows(self, data_dir: str | os.PathLike | None, fields: Sequence[str], count: int | None = None,
              override: str | os.PathLike | None = None) -> list[tuple[str, dict[str, Any]]]:
         """The selected rows, each with its `file:line`; every row must have every field in `fields`."""
@@ -251,9 +257,7 @@ class Source:
                 break
         if not rows:
             raise DPrunerError(f"{self.where}: {', '.join(map(str, self.paths(data_dir, override)))} give no rows")
-        rows = rows[self.start:]
-        if count is not None and count < len(rows):
-            rows = rows[:count] if self.order == "file" else [rows[i * len(rows) // count] for i in range(count)]
+        rows = self.select(rows[self.start:], count)
         for index, (where, row) in enumerate(rows):
             if not isinstance(row, dict):
                 raise DPrunerError(f"{where}: expected an object of fields, got {type(row).__name__}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -212,3 +213,11 @@ def test_every_domain_cli_stops_on_a_bad_spec_with_exit_2(script, argv, tmp_path
         cli.run(load_cli(script), [a.replace("{spec}", str(path)) for a in argv])
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert info.value.code == 2 and line.startswith("error: ") and "unknown key 'cuont'" in line
+
+
+def test_no_library_code_branches_on_a_domain_name():
+    """Domains are data: nothing in the library or the CLIs compares against a domain's name."""
+    branch = re.compile(r"""(==|!=)\s*["'](legal|medical)["']|["'](legal|medical)["']\s*(==|!=)|domain\w*\s*(==|!=)\s*["']""")
+    hits = [f"{path.relative_to(REPO)}:{n}" for path in sorted((REPO / "code").rglob("*.py"))
+            for n, line in enumerate(path.read_text().splitlines(), 1) if branch.search(line)]
+    assert hits == []

@@ -33,8 +33,6 @@ TASK_TYPES = ("choice", "generation")
 PATH_VARIABLES = {"stdlib": sysconfig.get_paths()["stdlib"]}
 # The task name of a domain's perplexity text (its other tasks are named in the spec).
 PERPLEXITY = "perplexity"
-# Row fields of `format: text` (one row per file, or per `separator`-delimited chunk of a file).
-TEXT_FIELDS = ("text", "file")
 
 
 def shipped_domains() -> tuple[str, ...]:
@@ -166,7 +164,7 @@ class Source:
     missing: str = ""
 
     @staticmethod
-    def parse(raw: dict[str, Any], where: str, base: Path, default_count: int | None = None) -> Source:
+    def parse(raw: dict[str, Any], where: str, base: Path) -> Source:
         files = raw.get("file")
         if files is None and "file_key" not in raw and "missing" not in raw:
             raise DPrunerError(f"{where}: missing key file (a manifest name or a path); a file the user must "
@@ -187,7 +185,7 @@ class Source:
         except re.error as err:
             raise DPrunerError(f"{where}: pattern {pattern!r} is not a regular expression ({err})") from None
         return Source(tuple(files or ()), fmt, separator, compiled, _choice(raw, "order", ORDERS, where, "file"),
-                      _count(raw, "start", where, 0), _count(raw, "count", where, default_count), base, where,
+                      _count(raw, "start", where, 0), _count(raw, "count", where), base, where,
                       _typed(raw, "file_key", str, where), _typed(raw, "missing", str, where, ""))
 
     def paths(self, data_dir: str | os.PathLike | None, override: str | os.PathLike | None = None) -> list[Path]:

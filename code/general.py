@@ -18,18 +18,17 @@ from dpruner.methods import get_method
 from dpruner.models import EMBEDDED_MODEL
 from dpruner.obs import DEFAULT_BLOCKSIZE, DEFAULT_PERCDAMP
 from dpruner.errors import DPrunerError
-from dpruner.pipeline import add_calibration_options, calibration_from_args, prune_with_method
+from dpruner.pipeline import MIX, add_calibration_options, calibration_from_args, prune_with_method
 
 # The original general.py's default (0.52 of the 7 projections ~ 50% of all LLaMA-2-7B weights).
 DEFAULT_SPARSITY = 0.52
-# c4 is the original's only choice; the domain sets give "general" importance from domain text (ablation).
-GENERAL_DATASETS = ("c4", "legal", "medical")
 
 
 def build_parser():
     parser = cli.make_parser(__doc__, prog="general.py")
     parser.add_argument("model", help=f"local Hugging Face folder, hub id, or '{EMBEDDED_MODEL}' (the embedded model)")
-    parser.add_argument("dataset", help=f"calibration data: {', '.join(GENERAL_DATASETS)} (c4 is the original's only choice)")
+    parser.add_argument("dataset", help="calibration data: c4 (the original's only choice), or a domain (legal, medical, "
+                                        "a domain YAML path: its calibration text, an ablation)")
     parser.add_argument("--sparsity", type=float, default=DEFAULT_SPARSITY,
                         help="fraction pruned inside each column block during the sweep (original general.py default)")
     parser.add_argument("--blocksize", type=int, default=DEFAULT_BLOCKSIZE, help="OBS column block (SparseGPT)")
@@ -51,8 +50,8 @@ def build_parser():
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cli.check_sparsity(args.sparsity)
-    if args.dataset not in GENERAL_DATASETS:
-        raise DPrunerError(f"unknown calibration dataset {args.dataset!r}; expected one of {', '.join(GENERAL_DATASETS)}")
+    if args.dataset == MIX:
+        raise DPrunerError(f"calibration dataset {MIX} needs a second source; stage 1 takes c4 or one domain")
     cli.quiet_libraries()
     method = get_method("sparsegpt", sparsity=args.sparsity, blocksize=args.blocksize, percdamp=args.percdamp)
     calibration = calibration_from_args(args, args.dataset)

@@ -7,13 +7,10 @@ Example: python code/legal_perplexity_evaluation.py smollm2-135m outputs/pruned 
 """
 
 from dpruner import cli
-from dpruner.data import eval_sets
+from dpruner.data.eval_sets import PERPLEXITY
 from dpruner.evaluation import runner
-from dpruner.evaluation.perplexity import DEFAULT_MAX_LENGTH, DEFAULT_STRIDE
 
-TASK = runner.Task("legal_perplexity", "perplexity", lambda args: eval_sets.multilegalpile(args.data_dir, args.limit),
-                   limit=eval_sets.MULTILEGALPILE_TEXTS, batch_size=4, max_length=DEFAULT_MAX_LENGTH,
-                   stride=DEFAULT_STRIDE)
+TASK = runner.spec_task("legal", PERPLEXITY, batch_size=4)  # config/domains/legal.yaml
 
 
 def main(argv=None) -> int:

@@ -21,7 +21,9 @@ from dpruner.validate import check_results
 def main(argv=None) -> int:
     parser = cli.make_parser(__doc__, prog="make_tables.py")
     parser.add_argument("results", help="folder holding <row label>/<task>.json result files")
-    parser.add_argument("--domain", choices=sorted(COLUMNS), required=True, help="which columns to show")
+    parser.add_argument("--domain", required=True,
+                        help=f"which columns to show: {', '.join(sorted(COLUMNS))} (the paper's), or a domain YAML "
+                             "path (one set of columns per task of its spec)")
     parser.add_argument("--labels", default=None,
                         help="comma-separated row labels in display order (default: dense first, then all)")
     parser.add_argument("--reference", default=DEFAULT_REFERENCE,

@@ -13,9 +13,9 @@ Methods (all layer by layer with sequential propagation, the 7 projections of ev
   llm-pruner  structured: whole attention heads / MLP channels by first-order Taylor group importance
               (--sparsity = fraction of parameters removed)
 
-Calibration budget: --nsamples windows in total for every method. c4 draws them from C4, legal / medical
-from the stage-2 training text of that domain (never test data), mix half from C4 and half from --domain
-text (one pooled set; mixcal weighs the two halves with --alpha and needs mix).
+Calibration budget: --nsamples windows in total for every method. c4 draws them from C4, a domain (legal,
+medical or a domain YAML path) from its calibration text (the stage-2 training strings, never test data),
+mix half from C4 and half from --domain text (one pooled set; mixcal weighs the two halves with --alpha and needs mix).
 
 Example: python code/prune_baseline.py wanda smollm2-135m outputs/wanda_2-4 --pattern 2:4 --nsamples 16 --seqlen 256
 """
@@ -27,7 +27,6 @@ from argparse import Namespace
 from pathlib import Path
 
 from dpruner import cli
-from dpruner.config import DOMAINS
 from dpruner.errors import DPrunerError
 from dpruner.export import REPORT_NAME, check_output_dir
 from dpruner.guard import Output, model_inputs, protect
@@ -38,7 +37,7 @@ from dpruner.methods.magnitude import SCOPES
 from dpruner.methods.mixcal import DEFAULT_ALPHA
 from dpruner.models import EMBEDDED_MODEL, load_tokenizer
 from dpruner.obs import DEFAULT_BLOCKSIZE, DEFAULT_PERCDAMP
-from dpruner.pipeline import (CALIBRATION_DATASETS, CalibrationSpec, add_calibration_options, build_calibration,
+from dpruner.pipeline import (CALIBRATION_HELP, CalibrationSpec, add_calibration_options, build_calibration,
                               calibration_from_args, check_model_structure, prune_with_method)
 from dpruner.provenance import ALLOW_OPTION, check_same_model
 from dpruner.stage3 import DEFAULT_BLOCKS, check_layer_count
@@ -69,11 +68,13 @@ def build_parser():
                              "matrix as SparseGPT --gmp; wanda: row as the original; dpruner: matrix as save_model.py)")
     parser.add_argument("--blocks", type=int, default=DEFAULT_BLOCKS,
                         help="equal column blocks of --scope block (original save_model_iterative.py: 32)")
-    parser.add_argument("--calibration", choices=CALIBRATION_DATASETS, default="c4",
-                        help="calibration text (SparseGPT/Wanda: c4); ignored by the data-free magnitude and dpruner")
-    parser.add_argument("--domain", choices=DOMAINS, default=None,
-                        help="domain half of --calibration mix (legal: CaseHOLD + BillSum, medical: PubMedQA + HQS "
-                             "training strings of stage 2)")
+    parser.add_argument("--calibration", default="c4",
+                        help=f"calibration text: {CALIBRATION_HELP} (SparseGPT/Wanda: c4; a domain: its calibration "
+                             "text, by default its stage-2 training strings); ignored by the data-free magnitude and "
+                             "dpruner")
+    parser.add_argument("--domain", default=None,
+                        help="domain half of --calibration mix: legal (CaseHOLD + BillSum), medical (PubMedQA + HQS "
+                             "training strings of stage 2), or a domain YAML path")
     add_calibration_options(parser)
     parser.add_argument("--alpha", type=float, default=None,
                         help=f"mixcal: weight of the C4 Hessian, in [0, 1]; unset: {DEFAULT_ALPHA} "

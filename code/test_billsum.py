@@ -8,11 +8,9 @@ Example: python code/test_billsum.py smollm2-135m outputs/pruned --limit 20 --gr
 """
 
 from dpruner import cli
-from dpruner.data import eval_sets
 from dpruner.evaluation import runner
 
-TASK = runner.Task("billsum", "generation", lambda args: eval_sets.billsum(args.data_dir, args.limit),
-                   limit=eval_sets.BILLSUM_TEST_ROWS, batch_size=8)
+TASK = runner.spec_task("legal", "billsum", batch_size=8)  # config/domains/legal.yaml
 
 
 def main(argv=None) -> int:

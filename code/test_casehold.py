@@ -7,11 +7,9 @@ Example: python code/test_casehold.py smollm2-135m outputs/pruned --limit 20
 """
 
 from dpruner import cli
-from dpruner.data import eval_sets
 from dpruner.evaluation import runner
 
-TASK = runner.Task("casehold", "choice", lambda args: eval_sets.casehold(args.data_dir, args.limit),
-                   limit=eval_sets.CASEHOLD_TEST_ROWS, batch_size=16)
+TASK = runner.spec_task("legal", "casehold", batch_size=16)  # config/domains/legal.yaml
 
 
 def main(argv=None) -> int:

@@ -6,11 +6,9 @@ Example: python code/test_hqs.py smollm2-135m outputs/pruned --greedy
 """
 
 from dpruner import cli
-from dpruner.data import eval_sets
 from dpruner.evaluation import runner
 
-TASK = runner.Task("hqs", "generation", lambda args: eval_sets.hqs(args.data_dir, args.limit),
-                   limit=eval_sets.HQS_TEST_ROWS, batch_size=8)
+TASK = runner.spec_task("medical", "hqs", batch_size=8)  # config/domains/medical.yaml
 
 
 def main(argv=None) -> int:

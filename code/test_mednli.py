@@ -8,7 +8,6 @@ Example: python code/test_mednli.py smollm2-135m outputs/pruned mli_test_v1.json
 """
 
 from dpruner import cli
-from dpruner.data import eval_sets
 from dpruner.evaluation import runner
 
 
@@ -16,8 +15,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("file", nargs="?", help="MedNLI JSONL, e.g. mli_test_v1.jsonl from PhysioNet")
 
 
-TASK = runner.Task("mednli", "choice", lambda args: eval_sets.mednli(args.file, args.limit),
-                   limit=None, batch_size=12, add_arguments=add_arguments)
+TASK = runner.spec_task("medical", "mednli", batch_size=12, add_arguments=add_arguments)  # config/domains/medical.yaml
 
 
 def main(argv=None) -> int:

@@ -7,11 +7,9 @@ Example: python code/test_pubmedqa.py smollm2-135m outputs/pruned --limit 50
 """
 
 from dpruner import cli
-from dpruner.data import eval_sets
 from dpruner.evaluation import runner
 
-TASK = runner.Task("pubmedqa", "choice", lambda args: eval_sets.pubmedqa(args.data_dir, args.limit),
-                   limit=eval_sets.PUBMEDQA_TEST_ROWS, batch_size=12)
+TASK = runner.spec_task("medical", "pubmedqa", batch_size=12)  # config/domains/medical.yaml
 
 
 def main(argv=None) -> int:

@@ -1,8 +1,15 @@
 # Sourced by pipeline.sh and reproduce_tables.sh: parse `DOMAIN [MODEL] [--quick|--tiny] [--out DIR] [--fresh]`,
 # set every setting (environment variables of the same name win), and pin them in OUT/settings.txt so a
 # rerun resumes only with the same settings. Defines `step` and `evaluate_model LABEL TARGET`.
+# DOMAIN is a shipped domain (config/domains/legal.yaml, medical.yaml) or a domain YAML path.
 DOMAIN="${1:-}"
-case "$DOMAIN" in legal|medical) shift ;; -h|--help) usage; exit 0 ;; *) echo "error: first argument must be legal or medical (see --help)" >&2; exit 2 ;; esac
+case "$DOMAIN" in
+    legal|medical) DOMAIN_NAME="$DOMAIN"; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *.yaml|*.yml) [ -f "$DOMAIN" ] || { echo "error: domain file $DOMAIN not found" >&2; exit 2; }
+                  DOMAIN="$(realpath "$DOMAIN")"; DOMAIN_NAME="$(basename "${DOMAIN%.*}")"; shift ;;
+    *) echo "error: first argument must be legal, medical or a domain YAML path (see --help)" >&2; exit 2 ;;
+esac
 MODEL=smollm2-135m; QUICK=0; TINY=0; STANDARD=0; OUT=""; FRESH=0
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -22,37 +29,37 @@ source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 
 if [ "$TINY" = 1 ]; then
     # --quick with smaller evaluation subsets (the quickstart's): ~2 minutes of evaluation per model.
-    : "${OUT:=outputs/$DOMAIN-tiny}" "${PPL_LIMIT:=10}" "${CHOICE_LIMIT:=30}" "${GEN_LIMIT:=3}"
+    : "${OUT:=outputs/$DOMAIN_NAME-tiny}" "${PPL_LIMIT:=10}" "${CHOICE_LIMIT:=30}" "${GEN_LIMIT:=3}"
     : "${GEN_ARGS:=--greedy --max-new-tokens 32}" "${WIKI_LIMIT:=200}"
 fi
 if [ "$STANDARD" = 1 ]; then
     # --quick pruning and training with evaluation sets large enough to rank methods (hours on a 2-core
     # CPU; resumable): all 200 CaseHOLD / 500 PubMedQA test rows, all 300 MultiLegalPile texts, 100 BillSum
     # bills / all 100 HQS questions with 128 new tokens, and all of WikiText-2 (~560 windows of 512).
-    : "${OUT:=outputs/$DOMAIN-standard}" "${PPL_LIMIT:=300}" "${CHOICE_LIMIT:=}" "${GEN_LIMIT:=100}"
+    : "${OUT:=outputs/$DOMAIN_NAME-standard}" "${PPL_LIMIT:=300}" "${CHOICE_LIMIT:=}" "${GEN_LIMIT:=100}"
     : "${GEN_ARGS:=--greedy --max-new-tokens 128}" "${WIKI_LIMIT:=}" "${WIKI_SEQLEN:=512}"
 fi
 if [ "$QUICK" = 1 ]; then
     # Small settings that finish on a 2-core CPU; the choices are recorded in the output folder.
-    : "${OUT:=outputs/$DOMAIN-quick}" "${SPARSITY:=0.5}" "${NSAMPLES:=16}" "${SEQLEN:=256}"
+    : "${OUT:=outputs/$DOMAIN_NAME-quick}" "${SPARSITY:=0.5}" "${NSAMPLES:=16}" "${SEQLEN:=256}"
     # (an empty CHOICE_LIMIT / WIKI_LIMIT, as --standard sets, means the whole set)
     : "${PPL_LIMIT:=20}" "${PPL_MAX_LENGTH:=512}" "${PPL_STRIDE:=256}" "${CHOICE_LIMIT=40}" "${GEN_LIMIT:=5}"
     : "${GEN_ARGS:=--greedy --max-new-tokens 48}" "${WIKI_LIMIT=600}" "${WIKI_SEQLEN:=512}"
-    if [ "$DOMAIN" = legal ]; then
-        : "${TRAIN_ARGS:=casehold_examples=32 billsum_examples=8 data_max_length=256 per_device_train_batch_size=4}"
-    else
-        : "${TRAIN_ARGS:=pubmedqa_examples=24 hqs_examples=16 data_max_length=256 per_device_train_batch_size=4}"
-    fi
+    case "$DOMAIN" in   # a domain YAML keeps its own counts
+        legal) : "${TRAIN_ARGS:=casehold_examples=32 billsum_examples=8 data_max_length=256 per_device_train_batch_size=4}" ;;
+        medical) : "${TRAIN_ARGS:=pubmedqa_examples=24 hqs_examples=16 data_max_length=256 per_device_train_batch_size=4}" ;;
+        *) : "${TRAIN_ARGS:=data_max_length=256 per_device_train_batch_size=4}" ;;
+    esac
 else
     # The paper's settings (original code's defaults): 0.52 of the projections, 128 x 2048 C4 windows,
     # the full stage-2 config, and the full test sets with the original decoding.
-    : "${OUT:=outputs/$DOMAIN}" "${SPARSITY:=0.52}" "${NSAMPLES:=128}" "${SEQLEN:=2048}"
+    : "${OUT:=outputs/$DOMAIN_NAME}" "${SPARSITY:=0.52}" "${NSAMPLES:=128}" "${SEQLEN:=2048}"
     : "${PPL_LIMIT:=300}" "${PPL_MAX_LENGTH:=2048}" "${PPL_STRIDE:=512}" "${CHOICE_LIMIT:=}" "${GEN_LIMIT:=}"
     : "${GEN_ARGS:=}" "${WIKI_LIMIT:=}" "${WIKI_SEQLEN:=2048}" "${TRAIN_ARGS:=}"
 fi
 : "${WINDOWING:=document}" "${BLOCKS:=32}" "${EVAL_BATCH:=8}"
 : "${DS_CONFIG:=config/ds_config.json}" "${LAUNCHER:=deepspeed --master_port ${MASTER_PORT:-6006}}"
-CONFIG=config/args_lomo.yaml; [ "$DOMAIN" = medical ] && CONFIG=config/args_lomo_medical.yaml
+CONFIG=config/args_lomo.yaml; [ "$DOMAIN" = medical ] && CONFIG=config/args_lomo_medical.yaml  # a YAML domain: domain= below
 OUT="$(realpath -m "$OUT")"   # defaults are relative to the repository root (_env.sh changed into it)
 
 SETTINGS="model=$MODEL domain=$DOMAIN sparsity=$SPARSITY nsamples=$NSAMPLES seqlen=$SEQLEN windowing=$WINDOWING
@@ -69,11 +76,8 @@ START=$SECONDS
 step() { echo; echo "== $* (t=$((SECONDS - START)) s)"; }
 opt() { [ -n "$2" ] && echo "$1 $2" || true; }   # "--limit N" only when N is set
 
-if [ "$DOMAIN" = legal ]; then
-    TASKS="legal_perplexity_evaluation.py:legal_perplexity test_casehold.py:casehold test_billsum.py:billsum"
-else
-    TASKS="medical_perplexity_evaluation.py:medical_perplexity test_pubmedqa.py:pubmedqa test_hqs.py:hqs"
-fi
+# "TASK:RESULT:FAMILY" for every evaluation of the domain's spec that has data (MedNLI needs a user file).
+TASKS="$("$PY" code/domain_evaluation.py --domain "$DOMAIN" --list-tasks | tr ' ' ':' | tr '\n' ' ')"
 
 # run_stage2 FOLDER [key=value ...]: stage 2 (this domain's config, launcher, TRAIN_ARGS) into OUT/FOLDER
 # with the stage-1 scores of OUT/general_importance, unless that run is already complete.
@@ -83,24 +87,28 @@ run_stage2() {
         echo "[skip] $OUT/$folder is complete"; return
     fi
     # shellcheck disable=SC2086
-    $LAUNCHER code/src/train_lomo.py "$CONFIG" model_name_or_path="$MODEL" deepspeed="$DS_CONFIG" \
+    $LAUNCHER code/src/train_lomo.py "$CONFIG" domain="$DOMAIN" model_name_or_path="$MODEL" deepspeed="$DS_CONFIG" \
         general_importance_dir="$OUT/general_importance" output_dir="$OUT/$folder" $TRAIN_ARGS "$@"
 }
 
 # evaluate_model LABEL TARGET: the domain's evaluations + WikiText-2 into OUT/eval/LABEL/<task>.json
 # (finished results are kept, so a rerun resumes).
 evaluate_model() {
-    local label="$1" target="$2" entry script task result args
-    for entry in $TASKS general_perplexity_evaluation.py:general_perplexity; do
-        script="${entry%%:*}"; task="${entry##*:}"; result="$OUT/eval/$label/$task.json"
-        if [ -f "$result" ]; then echo "[skip] $label $task"; continue; fi
-        case "$task" in
-            general_perplexity) args="--datasets wikitext2 --max-length $WIKI_SEQLEN $(opt --limit "$WIKI_LIMIT")" ;;
-            *_perplexity) args="--max-length $PPL_MAX_LENGTH --stride $PPL_STRIDE $(opt --limit "$PPL_LIMIT")" ;;
-            casehold|pubmedqa) args="$(opt --limit "$CHOICE_LIMIT")" ;;
+    local label="$1" target="$2" entry task name family result args script
+    for entry in $TASKS general::general; do
+        task="${entry%%:*}"; family="${entry##*:}"; name="${entry#*:}"; name="${name%%:*}"
+        [ "$family" = general ] && name=general_perplexity
+        result="$OUT/eval/$label/$name.json"
+        if [ -f "$result" ]; then echo "[skip] $label $name"; continue; fi
+        script=(code/domain_evaluation.py --domain "$DOMAIN" --task "$task")
+        case "$family" in
+            general) script=(code/general_perplexity_evaluation.py)
+                     args="--datasets wikitext2 --max-length $WIKI_SEQLEN $(opt --limit "$WIKI_LIMIT")" ;;
+            perplexity) args="--max-length $PPL_MAX_LENGTH --stride $PPL_STRIDE $(opt --limit "$PPL_LIMIT")" ;;
+            choice) args="$(opt --limit "$CHOICE_LIMIT")" ;;
             *) args="$GEN_ARGS $(opt --limit "$GEN_LIMIT")" ;;
         esac
         # shellcheck disable=SC2086
-        "$PY" "code/$script" "$MODEL" "$target" --batch-size "$EVAL_BATCH" --out "$result" $args
+        "$PY" "${script[@]}" "$MODEL" "$target" --batch-size "$EVAL_BATCH" --out "$result" $args
     done
 }

@@ -4,13 +4,13 @@
 # examples (code/domain_perplexity.py): does DRO improve the worst domain at an equal mean?
 #
 # Usage: bash scripts/domains_dro.sh [MODEL] [OUT]       (defaults: smollm2-135m, outputs/domains_dro)
-# Environment: DOMAINS (default [legal,medical,python-code]; python-code needs issue 11's domain),
+# Environment: DOMAINS (default [legal,medical,examples/domains/python-code.yaml]),
 #   SPARSITY (0.5), NSAMPLES (16), SEQLEN (256), TRAIN_ARGS (small CPU settings, see below).
 set -euo pipefail
 source "$(dirname "$0")/_env.sh"
 MODEL="${1:-smollm2-135m}"
 OUT="$(realpath -m "${2:-outputs/domains_dro}")"
-: "${DOMAINS:=[legal,medical,python-code]}" "${SPARSITY:=0.5}" "${NSAMPLES:=16}" "${SEQLEN:=256}"
+: "${DOMAINS:=[legal,medical,examples/domains/python-code.yaml]}" "${SPARSITY:=0.5}" "${NSAMPLES:=16}" "${SEQLEN:=256}"
 : "${TRAIN_ARGS:=casehold_examples=64 billsum_examples=16 pubmedqa_examples=64 hqs_examples=16 data_max_length=256 per_device_train_batch_size=4 domain_eval_examples=16 dro_update_interval=5}"
 
 if ! grep -qs '"complete": true' "$OUT/general_importance/manifest.json"; then

@@ -5,7 +5,8 @@
 #   stage 3 (D-Pruner masks on the original weights: per matrix and with iterative blocking)
 #   stage 4 (the domain's evaluations + WikiText-2 perplexity for dense, SparseGPT and both D-Pruner models)
 #
-# Usage: scripts/pipeline.sh legal|medical [MODEL] [--quick|--tiny|--standard] [--out DIR] [--fresh]
+# Usage: scripts/pipeline.sh legal|medical|DOMAIN.yaml [MODEL] [--quick|--tiny|--standard] [--out DIR] [--fresh]
+#   DOMAIN   a shipped domain or a domain YAML path (docs/DOMAINS.md), e.g. examples/domains/python-code.yaml
 #   MODEL    a Hugging Face folder, hub id, or smollm2-135m (the embedded default)
 #   --quick  small settings for a 2-core CPU (minutes instead of hours); default: the paper's settings
 #   --tiny   --quick with smaller evaluation subsets (the quickstart's)
@@ -14,7 +15,7 @@
 #   --fresh  delete the output folder first (otherwise finished steps are skipped: the run resumes)
 # Every setting in scripts/_settings.sh can be overridden with an environment variable of that name.
 set -euo pipefail
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 source "$(dirname "$0")/_settings.sh"
 
 step "stage 1: general importance on C4 ($NSAMPLES x $SEQLEN tokens, in-block sparsity $SPARSITY)"

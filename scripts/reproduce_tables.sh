@@ -132,14 +132,14 @@ step "5/6 mask analysis"
 # shellcheck disable=SC2086
 analyze "$OUT/mask_analysis" $UNSTRUCTURED
 analyze "$OUT/mask_analysis_dpruner" dpruner-matrix dpruner-noreg general-only domain-only
-FIGURES="docs/figures/$DOMAIN"
+FIGURES="docs/figures/$DOMAIN_NAME"
 if [ "$TINY" = 1 ]; then FIGURES="$FIGURES-tiny"; elif [ "$STANDARD" = 1 ]; then FIGURES="$FIGURES-standard"
 elif [ "$QUICK" = 1 ]; then FIGURES="$FIGURES-quick"; fi
 mkdir -p "$FIGURES"
 cp "$OUT/mask_analysis/jaccard_heatmap.png" "$FIGURES/jaccard_heatmap.png"
 cp "$OUT/mask_analysis_dpruner/jaccard_by_layer.png" "$FIGURES/jaccard_by_layer.png"
 
-step "6/6 $OUT/RESULTS_$DOMAIN.md"
+step "6/6 $OUT/RESULTS_$DOMAIN_NAME.md"
 WALL=$((SECONDS - START))
 printf '%s\t%s\t%s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$WALL" "${ARGS[*]}" >> "$OUT/reproduce_runs.tsv"
 RUNS=$(wc -l < "$OUT/reproduce_runs.tsv")
@@ -151,9 +151,9 @@ print(", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_c
 VERSIONS=$("$PY" -c 'import importlib.metadata as m, platform
 packages = ("torch", "transformers", "deepspeed")
 print(", ".join([f"python {platform.python_version()}", *(f"{p} {m.version(p)}" for p in packages)]))')
-REPORT="$OUT/RESULTS_$DOMAIN.md"
+REPORT="$OUT/RESULTS_$DOMAIN_NAME.md"
 {
-    echo "## $DOMAIN: all rows at sparsity $SPARSITY of the 7 projections ($MODEL)"
+    echo "## $DOMAIN_NAME: all rows at sparsity $SPARSITY of the 7 projections ($MODEL)"
     echo
     echo "- command: \`bash scripts/reproduce_tables.sh ${ARGS[*]}\`"
     echo "- date: $(date -u +%Y-%m-%d) (UTC)"

@@ -14,8 +14,9 @@ import torch
 from conftest import REPO
 from dpruner.config import TrainConfig
 from dpruner.data.calibration import sample_windows
-from dpruner.data.domain import casehold_texts, domain_texts
+from dpruner.data.domain import domain_texts, source_texts
 from dpruner.data.files import data_file, manifest_entries, read_jsonl
+from dpruner.data.spec import load_domain
 from dpruner.errors import DPrunerError
 from dpruner.paths import SHARED_DATA_DIR
 
@@ -84,7 +85,7 @@ def test_malformed_jsonl_row_names_file_and_line(tmp_path):
 
 
 def test_casehold_template_keeps_the_original_quirks():
-    (text,) = casehold_texts(data_file("casehold_train"), 1)
+    (text,) = source_texts(load_domain("legal").training[0], None, 1)
     row = read_jsonl(data_file("casehold_train"), limit=1)[0]
     assert text.startswith(f"A citing text consisting of the context and legal citation text is '{row['citing_prompt']}'. "
                            "Hold statement 0 is '")

@@ -282,8 +282,8 @@ def test_pubmedqa_limit_spreads_over_a_label_sorted_file(tmp_path):
     rows = [json.dumps({"QUESTION": f"q{i}", "CONTEXTS": ["c"], "final_decision": label})
             for i, label in enumerate(labels)]
     root = make_data_dir(tmp_path, {"pubmedqa_test": rows})
-    picked = eval_sets.pubmedqa(str(root), limit=6).items
-    assert [eval_sets.PUBMEDQA_LABELS[item.label] for item in picked] == ["yes", "yes", "yes", "no", "no", "maybe"]
+    picked = eval_sets.pubmedqa(str(root), limit=6)
+    assert [picked.labels[item.label] for item in picked.items] == ["yes", "yes", "yes", "no", "no", "maybe"]
     assert len(eval_sets.pubmedqa(str(root), limit=None).items) == len(labels)
 
 

@@ -48,6 +48,8 @@ CLI_CASES = {
     "test_mednli.py": [],
     "test_billsum.py": ["--limit", "2", "--max-new-tokens", "4", "--greedy"],
     "test_hqs.py": ["--limit", "2", "--max-new-tokens", "4"],
+    "domain_evaluation.py": ["--domain", str(CODE.parent / "examples/domains/python-code.yaml"), "--task",
+                             "function_body", "--limit", "2"],
 }
 
 

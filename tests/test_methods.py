@@ -24,7 +24,9 @@ from dpruner.layerwise import prune_layerwise
 from dpruner.methods import get_method
 from dpruner.methods.wanda import Wanda
 from dpruner.models import PROJECTIONS, decoder_layers, load_tokenizer, projection_modules
-from dpruner.pipeline import CalibrationSpec, build_calibration, domain_calibration_texts
+from dpruner.data.domain import calibration_texts
+from dpruner.data.spec import load_domain
+from dpruner.pipeline import CalibrationSpec, build_calibration
 from dpruner.stage3 import apply_scores
 
 SMALL = ("--nsamples", "4", "--seqlen", "32")
@@ -222,7 +224,7 @@ def test_mix_splits_one_budget_between_c4_and_domain(tokenizer):
 
 def test_domain_windows_come_from_the_stage2_training_text(tokenizer):
     windows = build_calibration(CalibrationSpec(dataset="medical", nsamples=3, seqlen=32), tokenizer)["medical"]
-    stream = tokenizer("\n\n".join(domain_calibration_texts("medical", None))).input_ids
+    stream = tokenizer("\n\n".join(calibration_texts(load_domain("medical")))).input_ids
     starts = {tuple(stream[i:i + 32]) for i in range(len(stream) - 32)}
     assert all(tuple(window.tolist()) in starts for window in windows)
 

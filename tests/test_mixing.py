@@ -108,7 +108,7 @@ def test_dro_run_resumes_after_a_kill_as_if_uninterrupted(stage2_inputs, tmp_pat
 @pytest.mark.parametrize("extra,expect", [
     (["domains=[legal,nosuch]"], "domains: 'nosuch'"),
     (["domains=[legal,medical]", "domain_proportions=[1.0]"], "domain_proportions has 1 values for 2"),
-    (["domains=[legal,medical]", "domain_proportions=[.nan, 1.0]"], "domain_proportions="),
+    (["domains=[legal,medical]", "domain_proportions=[.nan, 1.0]"], "domain_proportions[0]=nan must be a finite number"),
     (["domain_mixing=dro"], "need `domains"),
     (["domains=[legal]", "dro_rho=-1"], "dro_rho=-1.0 out of range"),
     (["domains=legal"], "must be a list"),

@@ -17,6 +17,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from dpruner.data.spec import load_domain, shipped_domains
 from dpruner.errors import DPrunerError
 from dpruner.importance import ANCHOR_STEPS, GENERAL_NORMS, REGULARIZERS, RENAMED_REGULARIZERS
 from dpruner.paths import REPO_ROOT
@@ -31,12 +32,11 @@ OBSOLETE_KEYS = frozenset({
     "report_to", "save_total_limit",
 })
 
-DOMAINS = ("legal", "medical")
+DOMAINS = shipped_domains()  # config/domains/*.yaml; `domain:` also takes a domain YAML path
 
 
 # Keys whose values must come from a fixed set.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "domain": DOMAINS,
     "lr_scheduler_type": ("linear", "constant"),
     "save_strategy": ("epoch", "no"),
     "regularizer": REGULARIZERS,
@@ -57,7 +57,7 @@ class TrainConfig:
 
     # --- what to train (original keys) ---
     model_name_or_path: str = "smollm2-135m"
-    domain: str = "legal"  # original: legal | medical
+    domain: str = "legal"  # original: legal | medical; ours also: a domain YAML path (docs/DOMAINS.md)
     general_importance_dir: str = ""  # stage-1 output (original key; no trailing slash needed)
     output_dir: str = "outputs/lomo_legal"
     overwrite_output_dir: bool = False  # the original's true silently replaced outputs; we refuse by default
@@ -129,6 +129,10 @@ class TrainConfig:
             raise DPrunerError(f"{where}: regularizer={self.regularizer!r} was renamed "
                                f"{RENAMED_REGULARIZERS[self.regularizer]!r} (it is not the gradient of the paper's "
                                "penalty; docs/DEVIATIONS.md); the exact forms are 'anchor' and 'grad_penalty'")
+        if self.domain not in DOMAINS and not Path(self.domain).is_file():
+            raise DPrunerError(f"{where}: domain={self.domain!r}; expected one of {', '.join(DOMAINS)}, "
+                               "or a domain YAML file")
+        load_domain(self.domain)  # a spec error names the spec file and key
         for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise DPrunerError(f"{where}: {key}={getattr(self, key)!r}; expected one of {', '.join(allowed)}")
@@ -182,8 +186,10 @@ class TrainConfig:
             if not self.domains or len(set(self.domains)) != len(self.domains):
                 raise DPrunerError(f"{where}: domains={self.domains}; expected a non-empty list without repeats")
             for name in self.domains:
-                if name not in DOMAINS:
-                    raise DPrunerError(f"{where}: domains: {name!r}; expected names from {', '.join(DOMAINS)}")
+                if name not in DOMAINS and not Path(name).is_file():
+                    raise DPrunerError(f"{where}: domains: {name!r}; expected names from {', '.join(DOMAINS)} "
+                                       "or domain YAML paths")
+                load_domain(name)  # a spec error names the spec file and key
         count = len(self.domains or [self.domain])
         for key in ("domain_proportions", "dro_reference_losses"):
             values = getattr(self, key)
@@ -215,6 +221,10 @@ class TrainConfig:
 
 PATH_KEYS = ("general_importance_dir", "output_dir", "deepspeed", "data_dir", "mednli_file",
              "pubmedqa_artificial_file")
+
+
+def _is_spec_path(value: str) -> bool:
+    return Path(str(value)).suffix in (".yaml", ".yml")
 
 
 def _resolve_path(value: str, config_dir: Path) -> str:
@@ -307,6 +317,11 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for key in PATH_KEYS:
         if values.get(key):
             values[key] = _resolve_path(values[key], path.resolve().parent)
+    if _is_spec_path(values.get("domain", "")):  # a domain spec path, not a shipped name
+        values["domain"] = _resolve_path(values["domain"], path.resolve().parent)
+    if values.get("domains"):
+        values["domains"] = [_resolve_path(d, path.resolve().parent) if _is_spec_path(d) else d
+                             for d in values["domains"]]
     config = TrainConfig(**values)
     config.config_path = str(path)
     return config.validate()

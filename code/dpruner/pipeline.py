@@ -5,8 +5,9 @@ structure, output conflicts, data files) runs before the model weights are loade
 written.
 
 Calibration budget: `--nsamples` windows in total whatever the source, so every method sees the same
-number of calibration tokens. `c4` draws them from C4; `legal` / `medical` from the stage-2 training
-strings of that domain (never test data); `mix` draws nsamples//2 windows from C4 and the rest from the
+number of calibration tokens. `c4` draws them from C4; a domain (a shipped name such as `legal`, or a
+domain YAML path) from that domain's calibration text, by default its stage-2 training strings (never
+test data); `mix` draws nsamples//2 windows from C4 and the rest from the
 domain text. Single-set methods get the mix as one pooled set; a method that blends named sets (MixCal,
 `calibration_sets`) gets the two halves under its own names. The domain text is always windowed from
 the concatenated stream (its examples are much shorter than a window).
@@ -22,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from dpruner.config import DOMAINS, TrainConfig
 from dpruner.data.calibration import DEFAULT_NSAMPLES, DEFAULT_SEED, DEFAULT_SEQLEN, c4_documents, sample_windows
-from dpruner.data.domain import domain_texts
+from dpruner.data.domain import calibration_texts
+from dpruner.data.spec import load_domain, shipped_domains
 from dpruner.errors import DPrunerError
 from dpruner.export import check_output_dir, save_pruned_model, versions
 from dpruner.guard import Output, model_inputs, protect
@@ -37,7 +38,10 @@ from dpruner.models import (PROJECTIONS, decoder_layers, load_model, load_tokeni
                             projection_modules, resolve_device)
 
 MIX = "mix"
-CALIBRATION_DATASETS = ("c4", *DOMAINS, MIX)
+C4 = "c4"
+# Named choices; any domain YAML path is accepted as well.
+CALIBRATION_DATASETS = (C4, *shipped_domains(), MIX)
+CALIBRATION_HELP = f"{', '.join(CALIBRATION_DATASETS)}, or a domain YAML path"
 # Domain examples (a CaseHOLD prompt, a PubMedQA abstract) are shorter than a calibration window, so
 # windows come from the concatenated stream of all of them.
 DOMAIN_WINDOWING = "concat"
@@ -52,28 +56,30 @@ class CalibrationSpec:
     windowing: str = "document"
     source: str = "local"  # where C4 comes from (local sample or the hub shard)
     data_dir: str | None = None
-    domain: str | None = None  # the domain half of `mix`; `legal` / `medical` imply it
+    domain: str | None = None  # the domain half of `mix` (a name or YAML path); a domain `dataset` implies it
 
     def validate(self) -> None:
-        if self.dataset not in CALIBRATION_DATASETS:
-            raise DPrunerError(f"unknown calibration dataset {self.dataset!r}; expected one of {', '.join(CALIBRATION_DATASETS)}")
+        if self.dataset not in CALIBRATION_DATASETS and not Path(self.dataset).is_file():
+            raise DPrunerError(f"unknown calibration dataset {self.dataset!r}; expected {CALIBRATION_HELP}")
         if self.nsamples < 1:
             raise DPrunerError(f"--nsamples must be >= 1, got {self.nsamples}")
         if self.seqlen < 2:
             raise DPrunerError(f"--seqlen must be >= 2, got {self.seqlen}")
-        if self.domain is not None and self.domain not in DOMAINS:
-            raise DPrunerError(f"unknown domain {self.domain!r}; expected one of {', '.join(DOMAINS)}")
         if self.dataset == MIX:
             if self.domain is None:
-                raise DPrunerError(f"--calibration {MIX} needs --domain ({' or '.join(DOMAINS)}) for its domain half")
+                raise DPrunerError(f"--calibration {MIX} needs --domain (a shipped domain: "
+                                   f"{' or '.join(shipped_domains())}, or a domain YAML path) for its domain half")
             if self.nsamples < 2:
                 raise DPrunerError(f"--calibration {MIX} needs --nsamples >= 2 (half C4, half domain), got {self.nsamples}")
         elif self.domain is not None and self.domain != self.dataset:
             raise DPrunerError(f"--domain {self.domain} conflicts with --calibration {self.dataset} "
                                f"(--domain picks the domain half of --calibration {MIX})")
+        if self.domain_name() is not None:
+            # Reads the rows too (milliseconds): a bad spec, file or row fails before any model loads.
+            calibration_texts(load_domain(self.domain_name()), self.data_dir)
 
     def domain_name(self) -> str | None:
-        return self.dataset if self.dataset in DOMAINS else self.domain
+        return self.domain if self.dataset in (C4, MIX) else self.dataset
 
 
 def add_calibration_options(parser) -> None:
@@ -100,13 +106,6 @@ def calibration_from_args(args, dataset: str, domain: str | None = None) -> Cali
                            windowing=args.windowing, source=args.c4_source, data_dir=args.data_dir, domain=domain)
 
 
-def domain_calibration_texts(domain: str, data_dir: str | None) -> list[str]:
-    """The stage-2 training strings of `domain` (stage 2's default sources and order). PubMedQA PQA-A
-    and MedNLI need user-supplied files that are stage-2 config options, so calibration leaves them out."""
-    return domain_texts(TrainConfig(domain=domain, data_dir=data_dir, pubmedqa_artificial_examples=0,
-                                    mednli_examples=0))
-
-
 def build_calibration(spec: CalibrationSpec, tokenizer,
                       split_names: tuple[str, str] | None = None) -> dict[str, torch.Tensor]:
     """Named calibration sets of token windows [n, seqlen], `spec.nsamples` windows in all.
@@ -121,11 +120,11 @@ def build_calibration(spec: CalibrationSpec, tokenizer,
         return sample_windows(tokenizer, texts, count, spec.seqlen, spec.seed, spec.windowing)
 
     def domain(count: int) -> torch.Tensor:
-        texts = domain_calibration_texts(spec.domain_name(), spec.data_dir)
+        texts = calibration_texts(load_domain(spec.domain_name()), spec.data_dir)
         return sample_windows(tokenizer, texts, count, spec.seqlen, spec.seed, DOMAIN_WINDOWING)
 
     if spec.dataset != MIX:
-        return {spec.dataset: c4(spec.nsamples) if spec.dataset == "c4" else domain(spec.nsamples)}
+        return {spec.dataset: c4(spec.nsamples) if spec.dataset == C4 else domain(spec.nsamples)}
     general_count = spec.nsamples // 2
     halves = (c4(general_count), domain(spec.nsamples - general_count))
     if split_names is None:
@@ -169,7 +168,7 @@ def prune_with_method(model_name: str, method: PruningMethod, calibration: Calib
         calibration.validate()
         if split_names and calibration.dataset != MIX:
             raise DPrunerError(f"method {method.name} blends C4 with domain text: it needs --calibration {MIX} "
-                               f"--domain {'|'.join(DOMAINS)}, got --calibration {calibration.dataset}")
+                               f"--domain {'|'.join(shipped_domains())}|YAML, got --calibration {calibration.dataset}")
     resolve_device(device)
     settings: dict[str, Any] = dict(method.settings(), true_sequential=true_sequential, dtype=dtype)
     num_layers = check_model_structure(model_name, settings.get("pattern", "unstructured"))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dpruner.data.spec import PERPLEXITY, load_domain
 from dpruner.errors import DPrunerError
 from dpruner.io import read_json
 from dpruner.stats import (Interval, PairedDifference, Statistic, bootstrap_ci, exp_mean_of, exp_weighted_mean,
@@ -79,6 +80,26 @@ COLUMNS: dict[str, list[Column]] = {
         WIKITEXT,
     ],
 }
+
+
+
+def domain_columns(domain: str) -> list[Column]:
+    """The paper's layout of a shipped domain (COLUMNS), else one set of columns per task of the
+    domain's spec (a YAML path): perplexity, accuracy + macro-F1, ROUGE-1/2/L; then WikiText-2."""
+    if domain in COLUMNS:
+        return COLUMNS[domain]
+    spec = load_domain(domain)
+    columns = []
+    if spec.perplexity is not None:
+        task = spec.result_name(PERPLEXITY)
+        columns += [_ppl_column(spec.perplexity.title, task, None),
+                    _ppl_column(f"{spec.perplexity.title} (token-weighted)", task, None, token_weighted=True)]
+    for name, task in spec.tasks.items():
+        metrics = (("acc", "accuracy"), ("F1", "macro_f1")) if task.type == "choice" else \
+            (("R-1", "rouge1"), ("R-2", "rouge2"), ("R-L", "rougeL"))
+        columns += [_metric_column(f"{task.title} {short}", name, key) for short, key in metrics]
+    return [*columns, WIKITEXT]
+
 
 # Display names of the row labels the scripts use; unknown labels are shown as they are.
 ROW_NAMES = {
@@ -194,15 +215,14 @@ def _default_order(results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
 def build_table(results: dict[str, dict[str, dict[str, Any]]], domain: str,
                 labels: Sequence[str] | None = None, reference: str | None = DEFAULT_REFERENCE) -> Table:
     """The table for `labels` (default: every non-seed row, dense first). `reference` (when it is a
-    row) is the method every other row is paired against."""
-    if domain not in COLUMNS:
-        raise DPrunerError(f"unknown domain {domain!r}; expected one of {', '.join(COLUMNS)}")
+    row) is the method every other row is paired against. `domain`: a shipped name or a spec YAML."""
+    layout = domain_columns(domain)
     order = list(labels) if labels else [l for l in _default_order(results) if SEED_SEPARATOR not in l]
     missing = [label for label in order if label not in results]
     if missing:
         raise DPrunerError(f"no results for row(s) {', '.join(missing)}; have {', '.join(sorted(results))}")
     reference = reference if reference in order else None
-    columns = [c for c in COLUMNS[domain] if any(c.task in results[label] for label in order)]
+    columns = [c for c in layout if any(c.task in results[label] for label in order)]
     reference_units = {c.title: _units(results[reference][c.task], c) if reference and c.task in results[reference]
                        else None for c in columns}
     rows = []
@@ -313,7 +333,7 @@ def seed_table(results: dict[str, dict[str, dict[str, Any]]], domain: str) -> st
     groups = seed_groups(results)
     if not groups:
         return ""
-    columns = [c for c in COLUMNS[domain] if any(c.task in results[l] for ls in groups.values() for l in ls)]
+    columns = [c for c in domain_columns(domain) if any(c.task in results[l] for ls in groups.values() for l in ls)]
     head = ["Method", "seeds", *(c.title + (" ↓" if c.lower_is_better else " ↑") for c in columns)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, labels in groups.items():

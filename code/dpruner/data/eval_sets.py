@@ -1,57 +1,37 @@
 """Evaluation sets and their prompt templates (stage 4).
 
 Every loader validates its rows before a model is loaded, so a bad file costs seconds, not a model
-load; a bad row is reported as `file:line`. The templates are the original evaluation scripts'
-(CaseHOLD, BillSum) or, where the original shipped no script (PubMedQA, MedNLI, HQS), the prefix of
-its stage-2 training template up to the answer (upstream notes §3.1).
+load; a bad row is reported as `file:line`. A domain's test sets and perplexity text come from its
+spec (config/domains/*.yaml): the templates there are the original evaluation scripts' (CaseHOLD,
+BillSum) or, where the original shipped no script (PubMedQA, MedNLI, HQS), the prefix of its stage-2
+training template up to the answer (upstream notes §3.1). The general sets (WikiText-2, C4) and a
+user's text file are read here.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dpruner.data.calibration import C4_HELDOUT_FILES
 from dpruner.data.files import as_list, data_file, describe, read_jsonl, read_jsonl_numbered
+from dpruner.data.spec import PERPLEXITY, DomainSpec, Perplexity, Source, Task, load_domain
 from dpruner.errors import DPrunerError
 from dpruner.validate import read_text_utf8
 
-# Row counts the original evaluates on (upstream notes §5, protocol notes).
-MULTILEGALPILE_TEXTS = 300  # legal_perplexity_evaluation.py reads all 300 MultiLegalPile rows
-CASEHOLD_TEST_ROWS = 200  # test_casehold.py
-BILLSUM_TEST_ROWS = 200  # test_billsum.py
-PUBMEDQA_TEST_ROWS = 500  # PubMedQA PQA-L test split
-HQS_TEST_ROWS = 100  # MEDIQA 2021 question-summarization test set
-MEDICAL_PPL_TEXTS = 300  # the paper's 300 Harrison paragraphs; our default substitute takes 300 abstracts
+# The paper's medical perplexity text: 300 Harrison paragraphs (a --text-file takes as many).
+TEXT_FILE_TEXTS = 300
+
 # SparseGPT datautils.get_c4 (validation): the first 1100 documents joined by one space, cut to 256 windows.
 C4_EVAL_DOCUMENTS = 1100
 C4_EVAL_WINDOWS = 256
 C4_JOINER = " "
 C4_HUB_VALIDATION_SHARD = "en/c4-validation.00000-of-00008.json.gz"  # SparseGPT / Wanda
-# The original joins MultiLegalPile texts with a blank line; SparseGPT/Wanda join WikiText-2 rows the same way.
+# SparseGPT/Wanda join WikiText-2 rows with a blank line (as the original joins MultiLegalPile texts).
 PPL_JOINER = "\n\n"
-
-# test_casehold.py: context and candidate (with its leading space) are concatenated.
-CASEHOLD_CONTEXT = "A citing text is '{citing_prompt}'. The correct holding statement is"
-CASEHOLD_CANDIDATE = " {holding}"
-CASEHOLD_LABELS = ("0", "1", "2", "3", "4")  # labels are strings; the original exits on anything else
-CASEHOLD_HOLDINGS = tuple(f"holding_{label}" for label in CASEHOLD_LABELS)
-# Training template prefix for PubMedQA (upstream §3.1), cut after the opening quote of the answer.
-PUBMEDQA_CONTEXT = ("The abstract of a biomedical research article is '{contexts}'. Here comes a question "
-                    "'{question}', and please answer the question with 'yes', 'no', or 'maybe'. The answer is '")
-PUBMEDQA_LABELS = ("yes", "no", "maybe")
-# Training template prefix for MedNLI (upstream §3.1).
-MEDNLI_CONTEXT = "Premise is '{premise}', and hypothesis is '{hypothesis}'. Their relationship is '"
-MEDNLI_LABELS = ("entailment", "contradiction", "neutral")
-# test_billsum.py's prompt (the quote is left open) and the HQS training template's prefix (upstream §3.1).
-BILLSUM_PROMPT = "A bill text is '{source}'. The summary of the bill is '"
-HQS_PROMPT = "A question posted by a patient is '{question}'. The summary of the question is '"
-
-MEDNLI_HELP = ("MedNLI is credentialed (PhysioNet licence) and not shipped: download mli_test_v1.jsonl "
-               "from https://physionet.org/content/mednli/ and pass its path")
 
 
 @dataclass(frozen=True)
@@ -90,18 +70,11 @@ class EvalSet:
     labels: tuple[str, ...] = ()
 
 
-def _numbered_rows(path: Path, required: Sequence[str], limit: int | None) -> list[tuple[str, dict[str, Any]]]:
-    """Rows of a JSONL file paired with `file:line`, so field errors can name the exact line."""
-    return read_jsonl_numbered(path, required=required, limit=limit)
-
-
-def _spread_rows(path: Path, required: Sequence[str], limit: int | None) -> list[tuple[str, dict[str, Any]]]:
-    """`limit` rows evenly spaced over the whole file, for label-sorted files (the PQA-L test file lists
-    its 276 'yes', then 169 'no', then 55 'maybe'): the first N rows would all be one label."""
-    rows = read_jsonl_numbered(path, required=required)
-    if limit is None or limit >= len(rows):
-        return rows
-    return [rows[i * len(rows) // limit] for i in range(limit)]
+def _label(row: dict[str, Any], key: str, labels: Sequence[str], where: str) -> int:
+    value = row[key]
+    if value not in labels:
+        raise DPrunerError(f"{where}: {key} is {value!r}, expected one of {', '.join(map(repr, labels))}")
+    return labels.index(value)
 
 
 def _text(row: dict[str, Any], key: str, where: str) -> str:
@@ -111,88 +84,110 @@ def _text(row: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
-def _label(row: dict[str, Any], key: str, labels: Sequence[str], where: str) -> int:
-    value = row[key]
-    if value not in labels:
-        raise DPrunerError(f"{where}: {key} is {value!r}, expected one of {', '.join(map(repr, labels))}")
-    return labels.index(value)
+def _sources(source: Source, data_dir: str | None, file: str | None) -> list[dict[str, Any]]:
+    return [describe(path) for path in source.paths(data_dir, file)]
 
 
-def casehold(data_dir: str | None = None, limit: int | None = CASEHOLD_TEST_ROWS) -> EvalSet:
-    path = data_file("casehold_test", data_dir)
+def choice_set(task: Task, data_dir: str | None = None, limit: int | None = None,
+               file: str | None = None) -> EvalSet:
+    """A multiple-choice test set of a domain spec; `limit` None = the spec's count, `file` replaces its file."""
+    # Generated candidates come from all the spec's rows, so a question does not change with `limit`.
+    rows = task.source.rows(data_dir, task.row_fields(), None if task.answer_field else limit, override=file)
+    answers = [_text(row, task.answer_field, where) for where, row in rows] if task.answer_field else []
+    if answers and len(set(answers)) <= task.distractors:
+        raise DPrunerError(f"{task.source.where}: {len(set(answers))} distinct {task.answer_field} values cannot give "
+                           f"{task.distractors} distractors each")
     items = []
-    for where, row in _numbered_rows(path, ("citing_prompt", *CASEHOLD_HOLDINGS, "label"), limit):
-        label = _label(row, "label", CASEHOLD_LABELS, where)
-        items.append(ChoiceExample(
-            id=str(row.get("example_id", where)),
-            context=CASEHOLD_CONTEXT.format(citing_prompt=_text(row, "citing_prompt", where)),
-            candidates=tuple(CASEHOLD_CANDIDATE.format(holding=_text(row, key, where)) for key in CASEHOLD_HOLDINGS),
-            label=label))
-    return EvalSet(items, [describe(path)], CASEHOLD_LABELS)
+    for index, (where, row) in enumerate(rows):
+        if task.answer_field:
+            label, options = _with_distractors(answers, index, task.distractors)
+        else:
+            label = _label(row, task.label, task.labels, where)
+            options = task.candidates or tuple(_text(row, key, where) for key in task.candidate_fields)
+        context = task.prompt.render(row, where, non_empty=True)
+        candidates = tuple(task.candidate_template.replace("{candidate}", option) for option in options)
+        items.append(ChoiceExample(str(row.get(task.id, where)) if task.id else where, context, candidates, label))
+    if task.answer_field and limit is not None and limit < len(items):
+        items = task.source.select(items, limit)
+    return EvalSet(items, _sources(task.source, data_dir, file), task.labels)
 
 
-def pubmedqa(data_dir: str | None = None, limit: int | None = PUBMEDQA_TEST_ROWS) -> EvalSet:
-    path = data_file("pubmedqa_test", data_dir)
-    items = []
-    for where, row in _spread_rows(path, ("QUESTION", "CONTEXTS", "final_decision"), limit):
-        context = PUBMEDQA_CONTEXT.format(contexts=" ".join(as_list(row["CONTEXTS"], f"{where}: CONTEXTS")),
-                                          question=_text(row, "QUESTION", where))
-        items.append(ChoiceExample(str(row.get("id", where)), context, PUBMEDQA_LABELS,
-                                   _label(row, "final_decision", PUBMEDQA_LABELS, where)))
-    return EvalSet(items, [describe(path)], PUBMEDQA_LABELS)
+def _with_distractors(answers: Sequence[str], index: int, count: int) -> tuple[int, tuple[str, ...]]:
+    """Row `index`'s answer among the next `count` different answers (cyclically), the gold answer at
+    position index mod (count + 1): deterministic, and every position is gold equally often."""
+    gold = answers[index]
+    others: list[str] = []
+    step = 1
+    while len(others) < count:
+        other = answers[(index + step) % len(answers)]
+        if other != gold and other not in others:
+            others.append(other)
+        step += 1
+    position = index % (count + 1)
+    return position, (*others[:position], gold, *others[position:])
+
+
+def generation_set(task: Task, data_dir: str | None = None, limit: int | None = None,
+                   file: str | None = None) -> EvalSet:
+    """A generation test set of a domain spec (prompt, reference); arguments as `choice_set`."""
+    items = [GenerationExample(str(row.get(task.id, where)) if task.id else where,
+                               task.prompt.render(row, where, non_empty=True), _text(row, task.reference, where))
+             for where, row in task.source.rows(data_dir, task.row_fields(), limit, override=file)]
+    return EvalSet(items, _sources(task.source, data_dir, file))
+
+
+def perplexity_documents(perplexity: Perplexity, data_dir: str | None = None, limit: int | None = None) -> list[str]:
+    """The documents of a domain's perplexity text, before they are joined (the leak guard compares them)."""
+    documents = []
+    for where, row in perplexity.source.rows(data_dir, (perplexity.field,), limit):
+        value = row[perplexity.field]
+        if perplexity.join is not None:
+            value = perplexity.join.join(as_list(value, f"{where}: {perplexity.field}"))
+        documents.append(_text({perplexity.field: value}, perplexity.field, where))
+    return documents
+
+
+def perplexity_set(perplexity: Perplexity, data_dir: str | None = None, limit: int | None = None) -> EvalSet:
+    texts = perplexity_documents(perplexity, data_dir, limit)
+    return EvalSet([_corpus(perplexity.name, texts, perplexity.joiner)], _sources(perplexity.source, data_dir, None))
+
+
+def task_set(spec: DomainSpec, task: str, data_dir: str | None = None, limit: int | None = None,
+             file: str | None = None) -> EvalSet:
+    """Evaluation set `task` of a domain: `perplexity` or one of its `tasks`."""
+    if task == PERPLEXITY:
+        if spec.perplexity is None:
+            raise DPrunerError(f"domain {spec.name} ({spec.path}) declares no perplexity text")
+        return perplexity_set(spec.perplexity, data_dir, limit)
+    if task not in spec.tasks:
+        raise DPrunerError(f"domain {spec.name} has no task {task!r}; expected one of {', '.join(spec.task_names())}")
+    loader = choice_set if spec.tasks[task].type == "choice" else generation_set
+    return loader(spec.tasks[task], data_dir, limit, file)
+
+
+def shipped_task(domain: str, task: str) -> Callable[..., EvalSet]:
+    """A loader `(data_dir=None, limit=None, file=None)` of one task of a shipped domain."""
+    return lambda data_dir=None, limit=None, file=None: task_set(load_domain(domain), task, data_dir, limit, file)
+
+
+casehold = shipped_task("legal", "casehold")
+billsum = shipped_task("legal", "billsum")
+multilegalpile = shipped_task("legal", PERPLEXITY)
+pubmedqa = shipped_task("medical", "pubmedqa")
+hqs = shipped_task("medical", "hqs")
+medical_text = shipped_task("medical", PERPLEXITY)
 
 
 def mednli(file: str | None, limit: int | None = None) -> EvalSet:
     """A user-supplied MedNLI JSONL file (sentence1, sentence2, gold_label)."""
-    if not file:
-        raise DPrunerError(f"test_mednli.py needs the MedNLI test file: {MEDNLI_HELP}")
-    path = Path(file).expanduser().resolve()
-    if not path.is_file():
-        raise DPrunerError(f"MedNLI file {path} not found; {MEDNLI_HELP}")
-    items = []
-    for where, row in _spread_rows(path, ("sentence1", "sentence2", "gold_label"), limit):
-        context = MEDNLI_CONTEXT.format(premise=_text(row, "sentence1", where),
-                                        hypothesis=_text(row, "sentence2", where))
-        items.append(ChoiceExample(str(row.get("pairID", where)), context, MEDNLI_LABELS,
-                                   _label(row, "gold_label", MEDNLI_LABELS, where)))
-    return EvalSet(items, [describe(path)], MEDNLI_LABELS)
-
-
-def billsum(data_dir: str | None = None, limit: int | None = BILLSUM_TEST_ROWS) -> EvalSet:
-    path = data_file("billsum_test", data_dir)
-    items = [GenerationExample(where, BILLSUM_PROMPT.format(source=_text(row, "source", where)),
-                               _text(row, "summary", where))
-             for where, row in _numbered_rows(path, ("source", "summary"), limit)]
-    return EvalSet(items, [describe(path)])
-
-
-def hqs(data_dir: str | None = None, limit: int | None = HQS_TEST_ROWS) -> EvalSet:
-    path = data_file("hqs_test", data_dir)
-    items = [GenerationExample(str(row.get("q_id", where)), HQS_PROMPT.format(question=_text(row, "CHQ", where)),
-                               _text(row, "Summary", where))
-             for where, row in _numbered_rows(path, ("CHQ", "Summary"), limit)]
-    return EvalSet(items, [describe(path)])
+    return task_set(load_domain("medical"), "mednli", None, limit, file)
 
 
 def _corpus(name: str, texts: list[str], joiner: str = PPL_JOINER, max_windows: int | None = None) -> TextCorpus:
     return TextCorpus(name, joiner.join(texts), len(texts), max_windows)
 
 
-def multilegalpile(data_dir: str | None = None, limit: int | None = MULTILEGALPILE_TEXTS) -> EvalSet:
-    path = data_file("multilegalpile", data_dir)
-    texts = [_text(row, "text", where) for where, row in _numbered_rows(path, ("text",), limit)]
-    return EvalSet([_corpus("multilegalpile", texts)], [describe(path)])
-
-
-def pubmedqa_abstracts(data_dir: str | None = None, limit: int | None = MEDICAL_PPL_TEXTS) -> EvalSet:
-    """Our redistributable medical text: the abstracts of the PubMedQA rows outside the test set."""
-    path = data_file("pubmedqa_train", data_dir)
-    texts = [" ".join(as_list(row["CONTEXTS"], f"{where}: CONTEXTS"))
-             for where, row in _numbered_rows(path, ("CONTEXTS",), limit)]
-    return EvalSet([_corpus("pubmedqa_abstracts", texts)], [describe(path)])
-
-
-def text_file(file: str, limit: int | None = MEDICAL_PPL_TEXTS) -> EvalSet:
+def text_file(file: str, limit: int | None = TEXT_FILE_TEXTS) -> EvalSet:
     """A user text set: JSONL rows with `text`, or a plain text file of paragraphs.
 
     Paragraphs are separated by blank lines; a file without blank lines has one paragraph per line.
@@ -201,7 +196,7 @@ def text_file(file: str, limit: int | None = MEDICAL_PPL_TEXTS) -> EvalSet:
     if not path.is_file():
         raise DPrunerError(f"--text-file {path} not found (expected .jsonl rows with 'text' or a .txt file)")
     if path.suffix in (".jsonl", ".json", ".gz"):
-        texts = [_text(row, "text", where) for where, row in _numbered_rows(path, ("text",), limit)]
+        texts = [_text(row, "text", where) for where, row in read_jsonl_numbered(path, required=("text",), limit=limit)]
     else:
         content = read_text_utf8(path)
         separator = r"\n\s*\n" if re.search(r"\n\s*\n", content.strip()) else r"\n"

@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 
 from dpruner.errors import DPrunerError
 
-# legal_perplexity_evaluation.py's window and stride.
+# The original's window (legal_perplexity_evaluation.py; SparseGPT/Wanda for WikiText-2 and C4). A domain's
+# window and stride are in its spec (config/domains/*.yaml: perplexity.window, perplexity.stride).
 DEFAULT_MAX_LENGTH = 2048
-DEFAULT_STRIDE = 512
 
 
 @dataclass(frozen=True)

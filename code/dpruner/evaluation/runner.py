@@ -23,6 +23,8 @@ from torch import nn
 from dpruner import cli
 from dpruner.checkpoint import PICKLE_SUFFIXES, pickle_refusal
 from dpruner.data.eval_sets import EvalSet
+from dpruner.data.eval_sets import PERPLEXITY, EvalSet, task_set
+from dpruner.data.spec import DomainSpec, load_domain
 from dpruner.errors import DPrunerError
 from dpruner.evaluation.choice import score_choices
 from dpruner.evaluation.generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SEED, DecodingSettings, generate_first_lines
@@ -52,6 +54,30 @@ class Task:
     max_length: int | None = None
     stride: int | None = None
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+
+
+# Evaluator family of a domain spec's task type.
+FAMILY_OF_TYPE = {"choice": "choice", "generation": "generation"}
+
+
+def spec_task(domain: str | DomainSpec, task: str, batch_size: int,
+              add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+              load: Callable[[argparse.Namespace], EvalSet] | None = None) -> Task:
+    """The `Task` of one evaluation of a domain spec (a shipped name, a YAML path or a loaded spec):
+    its data, row count, and for perplexity its window and stride. `load` replaces the spec's loader
+    (medical perplexity with --text-file); a positional `file` argument replaces the task's file."""
+    spec = domain if isinstance(domain, DomainSpec) else load_domain(domain)
+    if task not in spec.task_names():
+        raise DPrunerError(f"domain {spec.name} ({spec.path}) has no task {task!r}; expected one of "
+                           f"{', '.join(spec.task_names())}")
+    load = load or (lambda args: task_set(spec, task, args.data_dir, args.limit, getattr(args, "file", None)))
+    if task == PERPLEXITY:
+        return Task(spec.result_name(task), "perplexity", load, limit=spec.perplexity.source.count,
+                    batch_size=batch_size, max_length=spec.perplexity.window, stride=spec.perplexity.stride,
+                    add_arguments=add_arguments)
+    definition = spec.tasks[task]
+    return Task(spec.result_name(task), FAMILY_OF_TYPE[definition.type], load, limit=definition.source.count,
+                batch_size=batch_size, add_arguments=add_arguments)
 
 
 @dataclass

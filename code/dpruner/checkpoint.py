@@ -194,11 +194,13 @@ def verify_model_folder(folder: str | Path, skeleton: nn.Module | None = None, c
         verify_checksums(folder)
 
 
-def load_causal_lm(source: str, name: str, **kwargs: Any) -> nn.Module:
-    """`AutoModelForCausalLM.from_pretrained` that refuses instead of initialising anything randomly."""
+def load_causal_lm(source: str, name: str, verify: bool = True, **kwargs: Any) -> nn.Module:
+    """`AutoModelForCausalLM.from_pretrained` that refuses instead of initialising anything randomly.
+    `verify=False` when the caller ran `verify_model_folder` itself (stage 2 must, before ZeRO-3's
+    zero.Init context, which would try to partition the meta skeleton the check builds)."""
     from transformers import AutoModelForCausalLM
 
-    if Path(source).is_dir():
+    if verify and Path(source).is_dir():
         verify_model_folder(source)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)

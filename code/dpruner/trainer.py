@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from dpruner.checkpoint import load_causal_lm, write_checksums
+from dpruner.checkpoint import load_causal_lm, verify_model_folder, write_checksums
 from dpruner.config import TrainConfig, dump_config
 from dpruner.data.domain import domain_texts
 from dpruner.distributed import Runtime, init_runtime, shutdown
@@ -166,12 +166,14 @@ class Stage2:
 
     def _load_model(self, source: str):
         ds_config = self._ds_config() if self.config.deepspeed else None
+        if Path(source).is_dir():
+            verify_model_folder(source)  # before zero.Init below: its meta skeleton must not be partitioned
         keep_alive = None
         if ds_config and ds_config["zero_optimization"].get("stage", 0) == 3:
             from transformers.integrations import HfDeepSpeedConfig
 
             keep_alive = HfDeepSpeedConfig(ds_config)  # makes from_pretrained build partitioned (zero.Init)
-        model = load_causal_lm(source, source, dtype=self.dtype)
+        model = load_causal_lm(source, source, verify=False, dtype=self.dtype)
         model.config.use_cache = False
         if self.config.regularizer == "grad_penalty":
             model.set_attn_implementation(DOUBLE_BACKWARD_ATTENTION)

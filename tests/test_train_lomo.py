@@ -66,10 +66,13 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys()
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6, msg=key)
+    # Weights differing by float rounding (ZeRO-3's norm adds per-rank partial sums) move the scores by
+    # up to ~1e-4 relative where they are near 0, hence the absolute part relative to the matrix's largest.
     la, lb = load_score_layers(a / "importance"), load_score_layers(b / "importance")
     for index, (x, y) in enumerate(zip(la, lb)):
         for module in x:
-            torch.testing.assert_close(x[module], y[module], rtol=1e-5, atol=1e-9, msg=f"{index} {module}")
+            torch.testing.assert_close(x[module], y[module], rtol=1e-5, atol=1e-5 * float(x[module].abs().max()),
+                                       msg=lambda m: f"layer {index} {module}: {m}")
 
 
 def projection_numels(model_dir: Path) -> list[int]:

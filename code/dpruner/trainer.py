@@ -28,7 +28,7 @@ from dpruner.errors import DPrunerError
 from dpruner.export import versions
 from dpruner.importance import (DOUBLE_BACKWARD_ATTENTION, DualImportance, ImportanceSettings, load_general_importance, pretrained_anchors,
                                 resolve_general_norm)
-from dpruner.io import atomic_dir, load_score_layers, read_json, save_score_folder, write_json
+from dpruner.io import ScoreSet, atomic_dir, read_json, save_score_folder, write_json
 from dpruner.lomo import DynamicLossScaler, Lomo, local_part
 from dpruner.loss import causal_lm_loss, check_chunked_loss
 from dpruner.mixing import DomainMixture
@@ -358,9 +358,13 @@ class Stage2:
         return record
 
     def _restore_importance(self, folder: Path) -> None:
-        layers = load_score_layers(folder)
-        for name, (index, module) in self.importance.targets.items():
-            self.importance.scores[name].copy_(local_part(self.named[name], layers[index][module]))
+        """The saved scores back into this rank's slices, one layer in memory at a time."""
+        scores = ScoreSet.open(folder)
+        for index in range(scores.num_layers):
+            layer = scores.layer(index)
+            for name, (target_layer, module) in self.importance.targets.items():
+                if target_layer == index:
+                    self.importance.scores[name].copy_(local_part(self.named[name], layer[module]))
 
 
 def train(config: TrainConfig) -> dict[str, Any] | None:

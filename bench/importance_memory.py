@@ -40,7 +40,7 @@ def measure(model: str, general: Path, world: int, regularizer: str, out: Path, 
                str(REPO / "code" / "src" / "train_lomo.py"), "config/args_lomo.yaml",
                f"model_name_or_path={model}", f"general_importance_dir={general}", f"output_dir={out}",
                f"regularizer={regularizer}", "max_steps=1", "per_device_train_batch_size=1", "data_max_length=32",
-               "casehold_examples=4", "billsum_examples=0", "save_strategy=no", "deepspeed=config/ds_config_cpu.json"]
+               "casehold_examples=4", "billsum_examples=0", "save_strategy='no'", "deepspeed=config/ds_config_cpu.json"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
     if result.returncode:

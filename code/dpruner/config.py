@@ -45,6 +45,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "importance_formula": ("paper", "upstream"),
     "importance_accumulate": ("every_step", "upstream"),
     "general_importance_dtype": ("bfloat16", "float32"),
+    "importance_offload": ("none", "cpu"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "domain_mixing": ("constant", "dro"),
     "dro_loss": ("train", "validation"),
@@ -113,6 +114,7 @@ class TrainConfig:
     upstream_regularizer_divisor: float = 1000.0  # extra divisor of the original's regularizer
     upstream_importance_divisor: float = 2000.0  # quadratic-term divisor of the original's score
     general_importance_dtype: str = "bfloat16"  # G held in bf16 to save memory (fp32 on disk)
+    importance_offload: str = "none"  # ours: none (G, W0, scores on the device) | cpu (pinned CPU memory, one-GPU runs)
     # --- numerics and logging ---
     dtype: str = "auto"  # auto: fp16 on CUDA (original, with loss scaling), fp32 on CPU
     initial_loss_scale: float = 65536.0  # original DynamicLossScaler init (fp16 only)

@@ -25,6 +25,12 @@ norm pass of two-pass clipping and only from the second step on (the `is_update`
 The refined g then scores each weight (paper formula), with the empirical Fisher g^2 as the Hessian
 diagonal: I += |g w + (g w)^2 / 2|.
 
+Under ZeRO-3 each rank holds G, W0 and the scores only for its own slice of every weight (the slice of
+its `ds_tensor`, see lomo.local_range): the hook hands this callback that slice of the gradient, every
+operation here is elementwise, and the scores are gathered to rank 0 matrix by matrix at save.
+`importance_offload: cpu` keeps them in (pinned, when CUDA exists) CPU memory; the hook moves each
+matrix's G and W0 to the gradient's device and the score term back.
+
 G's raw scale depends on the calibration (H = 2/n_seq sum over tokens of x x^T grows with tokens per
 sequence), the layer and the model. `general_importance_norm: matrix_mean` divides each matrix's G by
 its mean, so lambda means the same at any seqlen, nsamples, layer or model; `upstream` keeps raw G.
@@ -37,11 +43,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from dpruner.errors import DPrunerError
 from dpruner.io import ScoreSet
-from dpruner.lomo import GradContext, Phase
+from dpruner.lomo import GradContext, Phase, local_part, local_range, local_weight
 from dpruner.models import PROJECTIONS
 
 _TARGET = re.compile(r"(?:^|\.)layers\.(\d+)\.(" + "|".join(re.escape(p) for p in PROJECTIONS) + r")\.weight$")
@@ -63,6 +70,8 @@ REGULARIZERS = ("anchor", "grad_penalty", "squared_grad", "upstream", "none")
 RENAMED_REGULARIZERS = {"paper": "squared_grad"}
 GENERAL_NORMS = ("auto", "matrix_mean", "none")
 ANCHOR_STEPS = ("proximal", "explicit")
+# The forms whose term the hook adds (grad_penalty's is in the loss; none has none).
+HOOK_TERMS = ("anchor", "squared_grad", "upstream")
 # grad_penalty differentiates the backward: torch's fused SDPA kernels have no double backward on CPU.
 DOUBLE_BACKWARD_ATTENTION = "eager"
 
@@ -103,7 +112,7 @@ def normalize_general(G: torch.Tensor, norm: str) -> torch.Tensor:
 def load_general_importance(folder: str, named_params: dict[str, nn.Parameter], dtype: torch.dtype = torch.bfloat16,
                             device: torch.device | str = "cpu", norm: str = "none") -> dict[str, torch.Tensor]:
     """Stage-1 scores G keyed by parameter name, checked against the model (layers, shapes, finiteness),
-    normalised per matrix as `norm` says before the cast to `dtype`."""
+    normalised per matrix as `norm` says before the cast to `dtype`; under ZeRO-3 this rank's slice only."""
     scores = ScoreSet.open(folder)
     targets = {name: projection_target(name) for name in named_params}
     layers = {t[0] for t in targets.values() if t}
@@ -125,14 +134,15 @@ def load_general_importance(folder: str, named_params: dict[str, nn.Parameter], 
                                    f"the model's weight is {list(expected)}")
             if not torch.isfinite(G).all():
                 raise DPrunerError(f"general importance {folder}: layer {index} {module} holds NaN or inf")
-            general[name] = normalize_general(G, norm).to(dtype=dtype, device=device)
+            general[name] = local_part(named_params[name], normalize_general(G, norm)).to(dtype=dtype, device=device)
     return general
 
 
 def pretrained_anchors(folder: str | Path, named_params: dict[str, nn.Parameter],
                        device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """W0 for the anchor form: the checkpoint's projection weights cast to each parameter's own dtype,
-    exactly as from_pretrained casts them, so W - W0 is exactly 0 before the first update."""
+    exactly as from_pretrained casts them, so W - W0 is exactly 0 before the first update (under ZeRO-3
+    this rank's slice only)."""
     from safetensors import safe_open
 
     folder = Path(folder)
@@ -141,7 +151,8 @@ def pretrained_anchors(folder: str | Path, named_params: dict[str, nn.Parameter]
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
                 if key in named_params and projection_target(key):
-                    anchors[key] = handle.get_tensor(key).to(dtype=named_params[key].dtype, device=device)
+                    W0 = local_part(named_params[key], handle.get_tensor(key))
+                    anchors[key] = W0.to(dtype=named_params[key].dtype, device=device)
     missing = [n for n in named_params if projection_target(n) and n not in anchors]
     if missing:
         raise DPrunerError(f"regularizer anchor: pretrained weights for {missing[0]} not found in {folder}")
@@ -153,7 +164,7 @@ class DualImportance:
 
     def __init__(self, settings: ImportanceSettings, named_params: dict[str, nn.Parameter],
                  general: dict[str, torch.Tensor] | None, anchors: dict[str, torch.Tensor] | None = None,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", pin: bool = False) -> None:
         self.settings = settings
         self.targets = {name: t for name in named_params if (t := projection_target(name))}
         if settings.regularizer not in REGULARIZERS:
@@ -162,10 +173,13 @@ class DualImportance:
             raise DPrunerError(f"regularizer {settings.regularizer!r} needs the general importance")
         if settings.regularizer == "anchor" and not anchors:
             raise ValueError("the anchor regularizer needs the pretrained weights W0")
-        self.general = general or {}
-        self.anchors = anchors or {}
-        self.scores = {name: torch.zeros(full_shape(named_params[name]), dtype=torch.float32, device=device)
-                       for name in self.targets}
+        self.params = {name: named_params[name] for name in self.targets}
+        self.scores = {name: torch.zeros(local_shape(param), dtype=torch.float32, device=device)
+                       for name, param in self.params.items()}
+        self.general, self.anchors = general or {}, anchors or {}
+        if pin and torch.cuda.is_available():  # page-locked for fast copies; CPU-only torch cannot pin
+            for held in (self.general, self.anchors, self.scores):
+                held.update({name: t.pin_memory() for name, t in held.items()})
         self.steps_accumulated: set[int] = set()
 
     def _should_accumulate(self, ctx: GradContext) -> bool:
@@ -188,18 +202,20 @@ class DualImportance:
         if name not in self.targets:
             return g
         s = self.settings
-        w = param.data if param.dtype == torch.float32 else param.data.float()
+        w = local_weight(param)
+        w = w if w.dtype == torch.float32 else w.float()
+        G = self.general[name].to(g.device, non_blocking=True) if s.regularizer in HOOK_TERMS else None
         step_grad = g
         if s.regularizer == "squared_grad":
-            g.addcmul_(self.general[name], g * g, value=2 * s.regularizer_lambda * ctx.lr ** 2)
+            g.addcmul_(G, g * g, value=2 * s.regularizer_lambda * ctx.lr ** 2)
         elif s.regularizer == "upstream":
             eta = ctx.stale_lr if ctx.phase is Phase.NORM else ctx.lr
             coef = 2 * s.regularizer_lambda * eta ** 2 * ctx.loss_scale / s.upstream_regularizer_divisor
-            g.addcmul_(self.general[name], g * g, value=coef)
+            g.addcmul_(G, g * g, value=coef)
         elif s.regularizer == "anchor":
-            g.addcmul_(self.general[name], w - self.anchors[name], value=2 * s.regularizer_lambda)
+            g.addcmul_(G, w - self.anchors[name].to(g.device, non_blocking=True), value=2 * s.regularizer_lambda)
             if s.anchor_step == "proximal":
-                step_grad = g / (1 + (2 * ctx.lr * s.regularizer_lambda) * self.general[name].float())
+                step_grad = g / (1 + (2 * ctx.lr * s.regularizer_lambda) * G.float())
         # grad_penalty: nothing to add here; the penalty is part of the loss (gradient_penalty).
         if self._should_accumulate(ctx):
             self.steps_accumulated.add(ctx.step)
@@ -211,12 +227,41 @@ class DualImportance:
             else:
                 term = gw * gw
                 term.mul_(0.5).add_(gw)
-            self.scores[name].add_(term.abs_())
+            score = self.scores[name]
+            score.add_(term.abs_().to(score.device))
         return step_grad
 
-    def layer_scores(self, num_layers: int) -> list[dict[str, torch.Tensor]]:
-        """Accumulated scores grouped per decoder layer, keyed by module name."""
+    def bytes_held(self) -> int:
+        """Bytes of G, W0 and the scores on this rank (what partitioning divides by the world size)."""
+        return sum(t.numel() * t.element_size() for held in (self.general, self.anchors, self.scores)
+                   for t in held.values())
+
+    def layer_scores(self, num_layers: int) -> list[dict[str, torch.Tensor]] | None:
+        """Accumulated scores grouped per decoder layer, keyed by module name, in full shape. Under ZeRO-3
+        every rank must call it: the slices are gathered to rank 0 one matrix at a time (on the CPU), and
+        the other ranks get None."""
         layers: list[dict[str, torch.Tensor]] = [{} for _ in range(num_layers)]
         for name, (index, module) in self.targets.items():
-            layers[index][module] = self.scores[name]
-        return layers
+            layers[index][module] = self._gathered(name)
+        return None if dist.is_initialized() and dist.get_rank() != 0 else layers
+
+    def _gathered(self, name: str) -> torch.Tensor | None:
+        param, score = self.params[name], self.scores[name]
+        if local_range(param) is None:
+            return score
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return score.view(full_shape(param))
+        # Equal-sized pieces (the last rank's padded), on the parameter's device for NCCL.
+        piece = torch.zeros(param.ds_tensor.numel(), dtype=score.dtype, device=param.device)
+        piece[:score.numel()] = score
+        pieces = [torch.empty_like(piece) for _ in range(dist.get_world_size())] if dist.get_rank() == 0 else None
+        dist.gather(piece, pieces, dst=0)
+        if pieces is None:
+            return None
+        return torch.cat([p.cpu() for p in pieces])[:param.ds_numel].view(full_shape(param))
+
+
+def local_shape(param: nn.Parameter) -> torch.Size:
+    """The shape of what this rank holds per weight: its flat slice under ZeRO-3, else the whole weight."""
+    part = local_range(param)
+    return full_shape(param) if part is None else torch.Size([part.stop - part.start])

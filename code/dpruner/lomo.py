@@ -7,8 +7,10 @@ it frees the gradient. At most one parameter's gradient is alive at a time and t
 state. Global-norm clipping needs the norm before any update, hence the original's two passes: a
 backward that only measures, then a second forward+backward that updates with the clip coefficient.
 
-Under DeepSpeed ZeRO-3 the parameter is gathered when the hook fires (full weight and gradient); the
-update is written to this rank's flat partition `param.ds_tensor`.
+Under DeepSpeed ZeRO-3 the parameter is gathered when the hook fires (full weight and gradient). After
+the all-reduce each rank keeps only its own slice of the flattened gradient, the one its flat partition
+`param.ds_tensor` holds: the callback refines that slice, the norm pass sums the slices' squares (one
+scalar all-reduce per pass: every element counted once) and the update writes it into `ds_tensor`.
 """
 
 from __future__ import annotations
@@ -61,6 +63,30 @@ def is_partitioned(param: nn.Parameter) -> bool:
     return hasattr(param, "ds_tensor")
 
 
+def local_range(param: nn.Parameter) -> slice | None:
+    """This rank's range of the flattened full weight under ZeRO-3, the padding of the last partition
+    left out (so the ranks' ranges tile the weight exactly); None for a parameter that is not partitioned."""
+    if not is_partitioned(param):
+        return None
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    size = param.ds_tensor.numel()
+    start = min(rank * size, param.ds_numel)
+    return slice(start, min(start + size, param.ds_numel))
+
+
+def local_part(param: nn.Parameter, full: torch.Tensor) -> torch.Tensor:
+    """`full` (shaped like the whole weight) cut to this rank's flat range, a copy so the rest can be freed;
+    `full` itself when the parameter is not partitioned."""
+    part = local_range(param)
+    return full if part is None else full.reshape(-1)[part].clone()
+
+
+def local_weight(param: nn.Parameter) -> torch.Tensor:
+    """The weights this rank updates: its `ds_tensor` slice (flat, padding left out) or the whole tensor."""
+    part = local_range(param)
+    return param.data if part is None else param.ds_tensor.data[:part.stop - part.start]
+
+
 class Lomo:
     """Fused SGD over `named_params`. Call `norm_pass` (when clipping) then `update_pass` each step."""
 
@@ -76,13 +102,13 @@ class Lomo:
         self.emulated_loss_scale = emulated_loss_scale
         self.grad_callback = grad_callback
         self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        self.rank = dist.get_rank() if self.world_size > 1 else 0
         self.step = 0
         self.last_update_lr = lr  # the original initialises its `self.lr` with the peak learning rate
         self.previous_step_updated = False
         self._ctx: GradContext | None = None
         self._clip_coef = 1.0
-        self._sq_norm = 0.0
+        self._sq_norm = 0.0  # from whole gradients (the same on every rank)
+        self._sq_norm_local = 0.0  # from this rank's slices of partitioned gradients
         self._overflow = False
         self.last_norm: float | None = None  # global gradient norm of the last norm pass
         self._handles = [p.register_post_accumulate_grad_hook(self._make_hook(name)) for name, p in self.params]
@@ -115,10 +141,17 @@ class Lomo:
             g = grad.float() if grad.dtype != torch.float32 else grad
             if self.loss_scale != 1.0:
                 g.div_(self.loss_scale)
+            part = local_range(param)
+            if part is not None:
+                g = g.reshape(-1)[part]
             if self.grad_callback is not None:
                 g = self.grad_callback(name, param, g, self._ctx)
             if self._ctx.phase is Phase.NORM:
-                self._sq_norm += float(torch.linalg.vector_norm(g)) ** 2
+                square = float(torch.linalg.vector_norm(g)) ** 2
+                if part is None:
+                    self._sq_norm += square
+                else:
+                    self._sq_norm_local += square
             else:
                 self._apply(param, g)
 
@@ -131,16 +164,12 @@ class Lomo:
             g.clamp_(-self.clip_grad_value, self.clip_grad_value)
         if self._clip_coef != 1.0:
             g.mul_(self._clip_coef)
+        target = local_weight(param)
         if self.weight_decay:
-            g.add_(param.data.float(), alpha=self.weight_decay)
+            g.add_(target.float(), alpha=self.weight_decay)
         if is_partitioned(param):
-            part = param.ds_tensor
-            start = self.rank * part.numel()
-            flat = g.reshape(-1)
-            count = max(0, min(part.numel(), flat.numel() - start))
-            if count:
-                target = part.data[:count]
-                target.copy_((target.float() - lr * flat[start:start + count]).to(target.dtype))
+            if target.numel():
+                target.copy_((target.float() - lr * g).to(target.dtype))
             return
         if param.dtype == torch.float32:
             param.data.add_(g, alpha=-lr)
@@ -155,17 +184,26 @@ class Lomo:
         self.step += 1
         self._ctx = GradContext(Phase.NORM, self.step, lr, self.last_update_lr, self._formula_scale(),
                                 self.previous_step_updated)
-        self._sq_norm, self._overflow = 0.0, False
+        self._sq_norm, self._sq_norm_local, self._overflow = 0.0, 0.0, False
         self._backward(loss)
         self._ctx = None
         if self._overflow:
             self.loss_scaler.on_overflow()
             self.previous_step_updated = False
             return False
-        total = math.sqrt(self._sq_norm)
+        total = math.sqrt(self._sq_norm + self._partitioned_sq_norm())
         self._clip_coef = min(1.0, self.clip_grad_norm / (total + CLIP_EPS)) if self.clip_grad_norm else 1.0
         self.last_norm = total
         return True
+
+    def _partitioned_sq_norm(self) -> float:
+        """The sum over ranks of the slices' squared norms (0 when nothing is partitioned)."""
+        if self.world_size == 1:
+            return self._sq_norm_local
+        device = self.params[0][1].device if self.params else torch.device("cpu")  # NCCL reduces GPU tensors only
+        total = torch.tensor(self._sq_norm_local, dtype=torch.float64, device=device)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return float(total)
 
     def update_pass(self, loss: torch.Tensor, lr: float) -> None:
         """Backward that applies SGD parameter by parameter (after `norm_pass` when clipping)."""

@@ -30,8 +30,8 @@ from dpruner.export import versions
 from dpruner.guard import Output, model_input, protect
 from dpruner.importance import (DOUBLE_BACKWARD_ATTENTION, DualImportance, ImportanceSettings, load_general_importance,
                                 pretrained_anchors, resolve_general_norm)
-from dpruner.io import ScoreSet, atomic_dir, check_finite_scores, load_score_layers, read_json, save_score_folder, write_json
-from dpruner.lomo import DynamicLossScaler, Lomo
+from dpruner.io import ScoreSet, atomic_dir, check_finite_scores, read_json, save_score_folder, write_json
+from dpruner.lomo import DynamicLossScaler, Lomo, local_part
 from dpruner.loss import causal_lm_loss, check_chunked_loss
 from dpruner.mixing import DomainMixture
 from dpruner.models import load_tokenizer, meta_skeleton, resolve_dtype, resolve_model
@@ -42,7 +42,7 @@ STATE_FILE = "trainer_state.json"
 KILL_AFTER_EPOCH_ENV = "DPRUNER_DEBUG_KILL_AFTER_EPOCH"
 # Settings that do not change the result; a run may resume with different values.
 NON_IDENTITY_KEYS = ("output_dir", "overwrite_output_dir", "logging_steps", "deepspeed", "save_strategy",
-                     "loss_chunk_tokens")
+                     "loss_chunk_tokens", "importance_offload")
 
 
 def lr_at(step: int, total_steps: int, peak: float, warmup: float, kind: str) -> float:
@@ -208,9 +208,10 @@ class Stage2:
         return state
 
     def _save_importance(self, folder: Path, epoch: int) -> None:
+        """Every rank takes part (the ZeRO-3 slices are gathered); rank 0 writes."""
+        layers = self.importance.layer_scores(self.model.config.num_hidden_layers)
         if not self.rt.is_main:
             return
-        layers = self.importance.layer_scores(self.model.config.num_hidden_layers)
         check_finite_scores(folder, layers)
         save_score_folder(folder, layers, kind="dual_importance",
                           model=self.config.model_name_or_path, settings=identity(self.config),
@@ -221,8 +222,8 @@ class Stage2:
     def _save_epoch(self, epoch: int) -> None:
         folder = self._epoch_dir(epoch)
         state_dict = self._gathered_state_dict()
+        self._save_importance(folder / "importance", epoch)
         if self.rt.is_main:
-            self._save_importance(folder / "importance", epoch)
             with atomic_dir(folder / "checkpoint") as tmp:
                 self.model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
                 self.tokenizer.save_pretrained(tmp)
@@ -264,13 +265,16 @@ class Stage2:
         self.model = self._load_model(source)
         named = self.named = dict(self.model.named_parameters())
         general = None
+        offload = config.importance_offload == "cpu"
+        store = torch.device("cpu") if offload else rt.device
         if config.regularizer != "none":
             gdtype = torch.bfloat16 if config.general_importance_dtype == "bfloat16" else torch.float32
-            general = load_general_importance(config.general_importance_dir, named, gdtype, rt.device,
+            general = load_general_importance(config.general_importance_dir, named, gdtype, store,
                                               resolve_general_norm(config.general_importance_norm, config.regularizer))
-        anchors = (pretrained_anchors(resolve_model(config.model_name_or_path), named, rt.device)
+        anchors = (pretrained_anchors(resolve_model(config.model_name_or_path), named, store)
                    if config.regularizer == "anchor" else None)
-        self.importance = DualImportance(ImportanceSettings.from_config(config), named, general, anchors, rt.device)
+        self.importance = DualImportance(ImportanceSettings.from_config(config), named, general, anchors, store,
+                                         pin=offload)
         if resumed_from:
             self._restore_importance(self._epoch_dir(resumed_from) / "importance")
         # Everything is validated; only now is the output folder touched.
@@ -338,7 +342,8 @@ class Stage2:
         summary = {"importance": str(final), "epochs": last_epoch, "global_step": self.state["global_step"],
                    "examples": self.mixture.examples if self.mixture else len(dataset),
                    "world_size": rt.world_size, "deepspeed": bool(config.deepspeed),
-                   "zero3": self.zero3, "dtype": str(self.dtype).replace("torch.", ""),
+                   "zero3": self.zero3, "importance_bytes_per_rank": self.importance.bytes_held(),
+                   "dtype": str(self.dtype).replace("torch.", ""),
                    "device": str(rt.device), "seconds": round(time.time() - began, 2),
                    "resumed_from_epoch": resumed_from, "versions": versions()}
         if self.mixture:
@@ -378,10 +383,14 @@ class Stage2:
         return record
 
     def _restore_importance(self, folder: Path) -> None:
-        layers = load_score_layers(folder)
-        self._steps_before = int(ScoreSet.open(folder).manifest.get("steps_accumulated", 0))
-        for name, (index, module) in self.importance.targets.items():
-            self.importance.scores[name].copy_(layers[index][module])
+        """The saved scores back into this rank's slices, one layer in memory at a time."""
+        scores = ScoreSet.open(folder)
+        self._steps_before = int(scores.manifest.get("steps_accumulated", 0))
+        for index in range(scores.num_layers):
+            layer = scores.layer(index)
+            for name, (target_layer, module) in self.importance.targets.items():
+                if target_layer == index:
+                    self.importance.scores[name].copy_(local_part(self.named[name], layer[module]))
 
 
 def train(config: TrainConfig, allow_other_model: bool = False) -> dict[str, Any] | None:

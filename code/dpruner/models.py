@@ -1,7 +1,8 @@
 """Model loading (embedded default, local folder, or hub name) and the prunable projections.
 
 Everything downstream works on `model.model.layers[i]` with the LLaMA-style module names below,
-so LLaMA, Mistral, Qwen2 and similar decoders work without per-model drivers.
+so LLaMA, Mistral, Qwen2, Qwen3 and similar decoders work without per-model drivers
+(`dpruner.architectures` refuses fused-projection and mixture-of-experts models in one line).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dpruner.architectures import refuse_unsupported
 from dpruner.errors import DPrunerError
 from dpruner.io import atomic_dir
 from dpruner.paths import cache_dir
@@ -165,6 +167,7 @@ def projection_modules(layer: nn.Module) -> dict[str, nn.Linear]:
 
 def check_supported(model: nn.Module, name: str = "model") -> None:
     layers = decoder_layers(model)
+    refuse_unsupported(layers[0], model.config, name)
     try:
         projection_modules(layers[0])
     except DPrunerError as err:

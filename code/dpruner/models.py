@@ -183,14 +183,27 @@ def count_parameters(model: nn.Module) -> int:
 def meta_skeleton(name: str) -> nn.Module:
     """The model built from its config on the meta device (no weights): cheap structure checks before
     any heavy work. Raises a one-line error for unreadable configs and unsupported architectures."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    return build_skeleton(read_config(resolve_model(name), name), name)
+
+
+def read_config(resolved: str, name: str):
+    """The config of a resolved model (`name` is what the user gave, for the error line)."""
+    from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(resolve_model(name))
+        return AutoConfig.from_pretrained(resolved)
     except (OSError, ValueError) as err:
         raise DPrunerError(f"model {name!r}: cannot read its config ({str(err).splitlines()[0]})") from None
+
+
+def build_skeleton(config, name: str = "model") -> nn.Module:
+    """The model of `config` with its parameters on the meta device; buffers that are computed, not
+    stored (rotary `inv_freq`), stay real so the embeddings-to-layer-0 part of a forward can run."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
     try:
-        with torch.device("meta"):
+        with init_empty_weights(include_buffers=False):
             skeleton = AutoModelForCausalLM.from_config(config)
     except ValueError as err:
         raise DPrunerError(f"model {name!r} is not a causal LM ({str(err).splitlines()[0]})") from None

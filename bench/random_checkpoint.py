@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 # (hidden, intermediate, attention heads, key/value heads, layers) from each model's config.json.
 SHAPES = {
+    "smollm2-360m": (960, 2560, 15, 5, 32),  # HuggingFaceTB/SmolLM2-360M (LLaMA architecture)
     "tinyllama-1.1b": (2048, 5632, 32, 4, 22),  # TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T
     "openllama-3b": (3200, 8640, 32, 32, 26),  # openlm-research/open_llama_3b
     "llama-2-7b": (4096, 11008, 32, 32, 32),  # meta-llama/Llama-2-7b-hf
@@ -38,8 +39,9 @@ def llama_config(shape: str, layers: int | None, vocab: int):
                        pad_token_id=2, dtype=torch.bfloat16)
 
 
-def write_checkpoint(out: Path, shape: str, layers: int | None = None, seed: int = 0) -> Path:
-    """Random bf16 weights for every tensor of the model's state dict, written tensor by tensor."""
+def write_checkpoint(out: Path, shape: str, layers: int | None = None, seed: int = 0, device: str = "cpu") -> Path:
+    """Random bf16 weights for every tensor of the model's state dict, written tensor by tensor
+    (drawn on `device`: a GPU draws a 7B model's 6.7e9 normals in seconds)."""
     from transformers import AutoTokenizer
 
     from dpruner.io import atomic_dir
@@ -50,13 +52,13 @@ def write_checkpoint(out: Path, shape: str, layers: int | None = None, seed: int
     config = llama_config(shape, layers, len(tokenizer))
     skeleton = build_skeleton(config)
     shapes = {name: tuple(p.shape) for name, p in skeleton.state_dict().items() if p.is_meta}
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)
     with atomic_dir(out) as tmp:
         writer = ShardedWriter(tmp, shapes, torch.bfloat16, SHARD_BYTES)
         for name, size in tqdm(shapes.items(), desc="random tensors", unit="tensor"):
             tensor = (torch.ones(size) if name.endswith("norm.weight")
-                      else torch.randn(size, generator=generator) * INIT_STD)
-            writer.write(name, tensor)
+                      else torch.randn(size, generator=generator, device=device).mul_(INIT_STD))
+            writer.write(name, tensor.to(torch.bfloat16))
         writer.finish()
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -69,8 +71,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama-1.1b", help="layer shape")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's own)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where the random numbers are drawn (cpu or cuda)")
     args = parser.parse_args(argv)
-    print(write_checkpoint(args.out, args.shape, args.layers, args.seed))
+    print(write_checkpoint(args.out, args.shape, args.layers, args.seed, args.device))
     return 0
 
 

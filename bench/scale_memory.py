@@ -9,7 +9,7 @@ peak RSS of the same interpreter that only imports the CLI's modules and loads t
 target: peak - floor <= 1.5 x (embeddings + 2 layers + activations), all in the compute dtype, flat
 in depth. Everything written goes under --workdir and is deleted after each depth.
 
-Example: python bench/scale_memory.py --depths 8 16 40 --limit-gb 5
+Example: python bench/scale_memory.py --shape smollm2-360m --depths 10 30 80 --limit-gb 1.5
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ def sizes(shape: str, layers: int, vocab: int, tokens: int) -> dict[str, float]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama-1.1b")
-    parser.add_argument("--depths", type=int, nargs="+", default=[8, 16, 40])
-    parser.add_argument("--limit-gb", type=float, default=5.0, help="RLIMIT_AS of each measured process")
+    parser.add_argument("--depths", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--limit-gb", type=float, default=2.5, help="RLIMIT_AS of each measured process (GiB)")
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--workdir", type=Path, default=REPO / "outputs" / "scale_memory")

@@ -100,3 +100,21 @@ def test_bad_owl_options_give_one_line(tiny_llama_dir, tmp_path):
                      "--sparsity-profile", "owl")
     assert "outside [0, 1)" in error_line(result)
     assert not (tmp_path / "out").exists()
+
+
+def test_sweep_passes_the_profile_and_calibration_to_every_method(tmp_path):
+    from dpruner.sweep import Point, SweepConfig
+
+    config = SweepConfig(kind="sparsity", model="m", domain="legal", out=tmp_path, sparsities=[0.6],
+                         methods=["magnitude", "dpruner", "wanda"], scores=tmp_path / "scores", nsamples=8, seqlen=64,
+                         sparsity_profile="owl")
+    for method in ("magnitude", "dpruner", "wanda"):
+        point = Point(f"{method}-s0.6", method, 0.6)
+        command = config.prune_command(point, tmp_path / "out")
+        assert command[command.index("--sparsity-profile") + 1] == "owl"
+        assert command[command.index("--nsamples") + 1] == "8" and command[command.index("--seqlen") + 1] == "64"
+        assert config.recipe(point)["sparsity_profile"] == "owl"
+    uniform = SweepConfig(kind="sparsity", model="m", domain="legal", out=tmp_path, sparsities=[0.6],
+                          methods=["magnitude"])
+    assert "--sparsity-profile" not in uniform.prune_command(Point("magnitude-s0.6", "magnitude", 0.6), tmp_path)
+    assert "sparsity_profile" not in uniform.recipe(Point("magnitude-s0.6", "magnitude", 0.6))

@@ -105,3 +105,15 @@ def test_disk_offload_needs_a_safetensors_checkpoint(tiny_llama_dir, tmp_path):
     result = run_cli("save_model.py", tmp_path / "bare", tmp_path / "nothing", tmp_path / "out", "--offload", "disk")
     assert "importance folder" in error_line(result)  # inputs are checked in order, before any weight
     assert not (tmp_path / "out").exists()
+
+
+def test_streamed_owl_profile_matches_in_memory(tiny_llama_dir, tmp_path):
+    from dpruner.owl import OwlProfile
+
+    results = {offload: prune_with_method(str(tiny_llama_dir), Wanda(0.5), CalibrationSpec(**CALIBRATION),
+                                          scores_out=None, save_pruned=tmp_path / offload, offload=offload,
+                                          profile=OwlProfile(m=2.0))
+               for offload in ("none", "disk")}
+    assert results["none"]["owl"] == results["disk"]["owl"]
+    assert_bitwise_equal(load_tensors(tmp_path / "none" / streaming.SINGLE_FILE),
+                         load_tensors(tmp_path / "disk" / streaming.SINGLE_FILE))

@@ -168,6 +168,9 @@ def _prune_layer(method: PruningMethod, index: int, layer: nn.Module, linears: d
 class LayerSource(Protocol):
     """Where the driver gets decoder layer i and where it goes when done (resident or streamed)."""
 
+    def capture(self, model: nn.Module, calibration: dict[str, torch.Tensor],
+                batch_size: int) -> dict[str, LayerInputs]: ...
+
     def fetch(self, index: int) -> nn.Module: ...
 
     def release(self, index: int, layer: nn.Module) -> None: ...
@@ -178,6 +181,11 @@ class ResidentLayers:
 
     def __init__(self, model: nn.Module, device: torch.device) -> None:
         self.layers, self.device = decoder_layers(model), device
+
+    def capture(self, model: nn.Module, calibration: dict[str, torch.Tensor],
+                batch_size: int) -> dict[str, LayerInputs]:
+        """Layer-0 inputs of every calibration set."""
+        return {name: capture_layer0_inputs(model, ids, batch_size, self.device) for name, ids in calibration.items()}
 
     def fetch(self, index: int) -> nn.Module:
         return self.layers[index].to(self.device)
@@ -207,8 +215,7 @@ def prune_layerwise(model: nn.Module, method: PruningMethod, calibration: dict[s
     start = writer.layers_done if writer else 0
     summary = PruneSummary()
     began = time.time()
-    inputs = ({name: capture_layer0_inputs(model, ids, batch_size, device) for name, ids in calibration.items()}
-              if needs_data else {})
+    inputs = source.capture(model, calibration, batch_size) if needs_data else {}
     kill_after = os.environ.get(KILL_AFTER_LAYER_ENV)
 
     bar = tqdm(range(len(layers)), desc=f"{method.name} layers", disable=not progress, unit="layer")

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dpruner.errors import DPrunerError
-from dpruner.layerwise import LayerSource, ResidentLayers, capture_layer0_inputs, collect_stats, run_layer
+from dpruner.layerwise import LayerSource, ResidentLayers, collect_stats, run_layer
 from dpruner.models import PROJECTIONS, projection_modules
 
 PROFILES = ("uniform", "owl")
@@ -61,7 +61,7 @@ def block_outlier_ratios(model: nn.Module, calibration: dict[str, torch.Tensor],
                          device: torch.device, source: LayerSource | None = None) -> list[float]:
     """D_l of every decoder block on the dense model, all calibration sets pooled."""
     source = source or ResidentLayers(model, device)
-    inputs = [capture_layer0_inputs(model, ids, batch_size, device) for ids in calibration.values()]
+    inputs = list(source.capture(model, calibration, batch_size).values())
     ratios = []
     for index in tqdm(range(len(model.model.layers)), desc="OWL outlier ratios", unit="layer"):
         layer = source.fetch(index)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from dpruner.errors import DPrunerError
 from dpruner.export import REPORT_NAME, SparsityCounter, versions
 from dpruner.io import StreamingSafetensors, atomic_dir, read_json, write_json
+from dpruner.layerwise import LayerInputs, ResidentLayers
 from dpruner.models import PROJECTIONS, build_skeleton, decoder_layers, projection_modules
 
 SINGLE_FILE = "model.safetensors"
@@ -220,30 +221,46 @@ def _assign(module: nn.Module, tensors: Mapping[str, torch.Tensor], where: str, 
                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
+EMBEDDINGS = "model.embed_tokens.weight"
+
+
 def open_streamed(handle, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """The model with only its embeddings and final norm loaded; decoder layers stay on the meta
-    device until `StreamedLayers.fetch` reads them (the head is not needed by the layer-wise driver)."""
+    """The model with only its small non-layer weights (final norm) loaded: the decoder layers stay on
+    the meta device until `StreamedLayers.fetch` reads them, the embeddings until `capture` needs them
+    (the head is not needed by the layer-wise driver)."""
     model = build_skeleton(handle.config, handle.name)
     reader = handle.checkpoint
     inner = {key.removeprefix("model."): reader.read(key, dtype).to(device)
-             for key in reader.other_keys() if key.startswith("model.")}
+             for key in reader.other_keys() if key.startswith("model.") and key != EMBEDDINGS}
     _assign(model.model, inner, f"checkpoint {reader.folder}", strict=False)
     unloaded = [name for name, param in model.model.named_parameters()
-                if param.is_meta and not name.startswith("layers.")]
-    if unloaded:
-        raise DPrunerError(f"checkpoint {reader.folder} has no tensors for model.{', model.'.join(unloaded)}")
+                if param.is_meta and not name.startswith(("layers.", "embed_tokens."))]
+    if unloaded or EMBEDDINGS not in reader.entries:
+        raise DPrunerError(f"checkpoint {reader.folder} has no tensors for "
+                           f"{', '.join(f'model.{n}' for n in unloaded) or EMBEDDINGS}")
     model.config.use_cache = False
     return model.eval()
 
 
-class StreamedLayers:
+class StreamedLayers(ResidentLayers):
     """Layer source of `prune_layerwise`: layer i is read from the checkpoint when the driver needs it,
-    then written to `output` (when the pruned model is saved) and dropped back to the meta device."""
+    then written to `output` (when the pruned model is saved) and dropped back to the meta device.
+    The embeddings are read only for the layer-0 capture and dropped after it."""
 
     def __init__(self, model: nn.Module, reader: CheckpointReader, dtype: torch.dtype, device: torch.device,
                  output: StreamedOutput | None = None) -> None:
-        self.layers = decoder_layers(model)
-        self.reader, self.dtype, self.device, self.output = reader, dtype, device, output
+        super().__init__(model, device)
+        self.reader, self.dtype, self.output = reader, dtype, output
+
+    def capture(self, model: nn.Module, calibration: dict[str, torch.Tensor],
+                batch_size: int) -> dict[str, LayerInputs]:
+        embeddings = model.model.embed_tokens
+        _assign(embeddings, {"weight": self.reader.read(EMBEDDINGS, self.dtype).to(self.device)},
+                f"checkpoint {self.reader.folder}")
+        try:
+            return super().capture(model, calibration, batch_size)
+        finally:
+            embeddings.to("meta")
 
     def fetch(self, index: int) -> nn.Module:
         layer = self.layers[index]

@@ -9,7 +9,7 @@ peak RSS of the same interpreter that only imports the CLI's modules and loads t
 target: peak - floor <= 1.5 x (embeddings + 2 layers + activations), all in the compute dtype, flat
 in depth. Everything written goes under --workdir and is deleted after each depth.
 
-Example: python bench/scale_memory.py --shape smollm2-360m --depths 10 30 110 --limit-gb 2 --nsamples 8 --seqlen 128
+Example: python bench/scale_memory.py --shape smollm2-360m --depths 10 30 96 --limit-gb 1.75 --nsamples 8 --seqlen 128
 """
 
 from __future__ import annotations

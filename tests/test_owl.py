@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import error_line, make_tiny_llama, run_cli, save_tiny_llama
+from conftest import error_line, run_cli, save_tiny_llama
 from dpruner.io import load_tensors
 from dpruner.methods import get_method
 from dpruner.models import PROJECTIONS, decoder_layers

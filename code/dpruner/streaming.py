@@ -10,6 +10,7 @@ statistics and the calibration activations, whatever the depth.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import resource
 import shutil
@@ -40,6 +41,20 @@ FIT_FRACTION = 0.6
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # Files beside the weights that a pruned folder keeps as they are.
 _COPIED_FILES = ("generation_config.json",)
+# glibc's mallopt parameter M_MMAP_THRESHOLD (malloc.h), and the size from which buffers (layer
+# tensors, Hessians) get their own mapping: glibc's default raises the threshold after the first
+# large free and then keeps freed layers in its heap, so a streamed run would grow with depth
+# (64 KiB: flat in depth in bench/scale_memory.py; 1 MiB still grew by ~4 MB a layer).
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_BYTES = 1 << 16
+
+
+def map_large_buffers() -> None:
+    """Make freed layers go back to the operating system (glibc; other allocators already do)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):
+        pass
 
 
 def layer_prefix(index: int) -> str:
@@ -174,6 +189,7 @@ class StreamedOutput:
 
     def __init__(self, out: Path, reader: CheckpointReader, dtype: torch.dtype,
                  max_shard_bytes: int | None = None) -> None:
+        map_large_buffers()
         self.out, self.reader, self.dtype, self.sparsity = Path(out), reader, dtype, SparsityCounter()
         self._context = atomic_dir(out)
         self.folder = self._context.__enter__()
@@ -228,6 +244,7 @@ def open_streamed(handle, dtype: torch.dtype, device: torch.device) -> nn.Module
     """The model with only its small non-layer weights (final norm) loaded: the decoder layers stay on
     the meta device until `StreamedLayers.fetch` reads them, the embeddings until `capture` needs them
     (the head is not needed by the layer-wise driver)."""
+    map_large_buffers()
     model = build_skeleton(handle.config, handle.name)
     reader = handle.checkpoint
     inner = {key.removeprefix("model."): reader.read(key, dtype).to(device)

@@ -205,6 +205,7 @@ def build_skeleton(config, name: str = "model") -> nn.Module:
     try:
         with init_empty_weights(include_buffers=False):
             skeleton = AutoModelForCausalLM.from_config(config)
+        skeleton.tie_weights()  # init_empty_weights leaves a tied head as its own meta parameter
     except ValueError as err:
         raise DPrunerError(f"model {name!r} is not a causal LM ({str(err).splitlines()[0]})") from None
     check_supported(skeleton, name)

@@ -89,7 +89,7 @@ def main(argv=None) -> int:
 
     vocab = len(AutoTokenizer.from_pretrained(embedded_model_dir()))
     print(f"shape {args.shape}, vocab {vocab}, {args.nsamples} x {args.seqlen} calibration tokens, "
-          f"RLIMIT_AS {args.limit_gb:.1f} GiB, floor (interpreter + libraries + tokenizer) {floor / GB:.2f} GiB")
+          f"RLIMIT_AS {args.limit_gb:g} GiB, floor (interpreter + libraries + tokenizer) {floor / GB:.2f} GiB")
     header = ("| depth | checkpoint GiB | stage | peak RSS GiB | peak - floor GiB | / checkpoint | / one layer "
               "| / target | s |")
     print(header)

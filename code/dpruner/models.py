@@ -197,16 +197,19 @@ def read_config(resolved: str, name: str):
 
 
 def build_skeleton(config, name: str = "model") -> nn.Module:
-    """The model of `config` with its parameters on the meta device; buffers that are computed, not
-    stored (rotary `inv_freq`), stay real so the embeddings-to-layer-0 part of a forward can run."""
-    from accelerate import init_empty_weights
+    """The model of `config` on the meta device (nothing allocated, whatever its size); modules whose
+    buffers are computed rather than stored (rotary `inv_freq`) are rebuilt for real, so the
+    embeddings-to-layer-0 part of a forward can run on a streamed model."""
     from transformers import AutoModelForCausalLM
 
     try:
-        with init_empty_weights(include_buffers=False):
+        with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
-        skeleton.tie_weights()  # init_empty_weights leaves a tied head as its own meta parameter
     except ValueError as err:
         raise DPrunerError(f"model {name!r} is not a causal LM ({str(err).splitlines()[0]})") from None
     check_supported(skeleton, name)
+    for parent in list(skeleton.modules()):
+        for child_name, child in parent.named_children():
+            if any(buffer.is_meta for buffer in child.buffers(recurse=False)):
+                setattr(parent, child_name, type(child)(config=skeleton.config))  # rotary embeddings
     return skeleton

@@ -18,7 +18,9 @@ from dpruner.methods import get_method
 from dpruner.models import EMBEDDED_MODEL
 from dpruner.obs import DEFAULT_BLOCKSIZE, DEFAULT_PERCDAMP
 from dpruner.errors import DPrunerError
+from dpruner.owl import add_profile_options, profile_from_args
 from dpruner.pipeline import MIX, add_calibration_options, calibration_from_args, prune_with_method
+from dpruner.streaming import add_offload_option
 
 # The original general.py's default (0.52 of the 7 projections ~ 50% of all LLaMA-2-7B weights).
 DEFAULT_SPARSITY = 0.52
@@ -44,6 +46,8 @@ def build_parser():
     parser.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass (ours; results do not depend on it beyond rounding)")
     parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, fp16 on CUDA as the original), float32, bfloat16, float16")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    add_offload_option(parser)
+    add_profile_options(parser)
     return parser
 
 
@@ -58,7 +62,8 @@ def main(argv=None) -> int:
     result = prune_with_method(args.model, method, calibration, scores_out=cli.resolve_out(args.out),
                                save_pruned=cli.resolve_out(args.save_pruned), overwrite=args.overwrite,
                                dtype=args.dtype, device=args.device, batch_size=args.batch_size,
-                               true_sequential=args.true_sequential, kind="general_importance")
+                               true_sequential=args.true_sequential, kind="general_importance",
+                               offload=args.offload, profile=profile_from_args(args))
     print(json.dumps({k: result[k] for k in ("scores", "pruned_model", "seconds") if k in result}))
     print(f"general importance: {result['scores']}")
     if "pruned_model" in result:

@@ -12,6 +12,8 @@ Methods (all layer by layer with sequential propagation, the 7 projections of ev
               (ours; --scores, --selection mask|saliency, --alpha; needs --calibration mix --domain D)
   llm-pruner  structured: whole attention heads / MLP channels by first-order Taylor group importance
               (--sparsity = fraction of parameters removed)
+With --sparsity-profile owl every unstructured method gets one sparsity per decoder block from the
+block's outlier ratio (OWL, Yin et al. 2024), averaging exactly --sparsity.
 
 Calibration budget: --nsamples windows in total for every method. c4 draws them from C4, a domain (legal,
 medical or a domain YAML path) from its calibration text (the stage-2 training strings, never test data),
@@ -35,8 +37,11 @@ from dpruner.methods import get_method, method_names
 from dpruner.methods.dpruner_obs import SELECTIONS
 from dpruner.methods.magnitude import SCOPES
 from dpruner.methods.mixcal import DEFAULT_ALPHA
-from dpruner.models import EMBEDDED_MODEL, load_tokenizer
+from dpruner.model_handle import ModelHandle
+from dpruner.models import EMBEDDED_MODEL
 from dpruner.obs import DEFAULT_BLOCKSIZE, DEFAULT_PERCDAMP
+from dpruner.owl import add_profile_options, profile_from_args
+from dpruner.streaming import add_offload_option
 from dpruner.pipeline import (CALIBRATION_HELP, CalibrationSpec, add_calibration_options, build_calibration,
                               calibration_from_args, check_model_structure, prune_with_method)
 from dpruner.provenance import ALLOW_OPTION, check_same_model
@@ -99,6 +104,8 @@ def build_parser():
     parser.add_argument("--dtype", default="auto",
                         help="auto (fp32 on CPU, fp16 on CUDA as the originals), float32, bfloat16, float16")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    add_offload_option(parser)
+    add_profile_options(parser)
     return parser
 
 
@@ -122,6 +129,10 @@ def check_arguments(args: Namespace) -> None:
             raise DPrunerError(f"{STRUCTURED} removes whole heads and channels; --pattern must be unstructured")
         if args.save_scores:
             raise DPrunerError(f"--save-scores does not apply to {STRUCTURED}")
+        if args.sparsity_profile != "uniform":
+            raise DPrunerError(f"--sparsity-profile applies to the unstructured methods, not {STRUCTURED}")
+        if args.offload == "disk":
+            raise DPrunerError(f"--offload disk does not apply to {STRUCTURED} (it needs the whole model's gradients)")
     outputs = {"OUT": args.out, "--save-scores": args.save_scores, "--scores": args.scores}
     named = [(label, cli.resolve_out(path)) for label, path in outputs.items() if path]
     for i, (label, path) in enumerate(named):
@@ -143,8 +154,9 @@ def run_structured(args: Namespace, out: Path) -> dict:
     spec = calibration_spec(args)
     check_output_dir(out, args.overwrite)
     protect([Output("OUT", out)], model_inputs(args.model, spec.data_dir))
-    check_model_structure(args.model)
-    windows = build_calibration(spec, load_tokenizer(args.model))
+    handle = ModelHandle.resolve(args.model)
+    check_model_structure(handle)
+    windows = build_calibration(spec, handle.tokenizer)
     return prune_structured(args.model, out, target_ratio=args.sparsity, calibration=windows,
                             overwrite=args.overwrite, dtype=args.dtype, device=args.device)
 
@@ -176,14 +188,16 @@ def main(argv=None) -> int:
         return 0
 
     method = get_method(args.method, sparsity=args.sparsity, **method_options(args))
+    handle = ModelHandle.resolve(args.model)
     if args.method in METHOD_OPTIONS["scores"]:
-        check_layer_count(method.score_set, check_model_structure(args.model))
+        check_layer_count(method.score_set, check_model_structure(handle))
         check_same_model(method.score_set.manifest, method.score_set.folder, args.model, args.allow_other_model)
-    calibration = calibration_spec(args) if method.statistic is not None else None
-    result = prune_with_method(args.model, method, calibration, scores_out=cli.resolve_out(args.save_scores),
+    profile = profile_from_args(args)
+    calibration = calibration_spec(args) if method.statistic is not None or profile else None
+    result = prune_with_method(handle, method, calibration, scores_out=cli.resolve_out(args.save_scores),
                                save_pruned=out, overwrite=args.overwrite, dtype=args.dtype, device=args.device,
                                batch_size=args.batch_size, true_sequential=args.true_sequential,
-                               kind=f"{args.method}_scores")
+                               kind=f"{args.method}_scores", offload=args.offload, profile=profile)
     sparsity = json.loads((out / REPORT_NAME).read_text())["sparsity"]
     print(json.dumps({k: result[k] for k in ("pruned_model", "scores", "seconds") if k in result}))
     print(f"pruned model: {out}")

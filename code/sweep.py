@@ -33,6 +33,7 @@ from dpruner import cli
 from dpruner.config import DOMAINS
 from dpruner.data.calibration import DEFAULT_NSAMPLES, DEFAULT_SEQLEN
 from dpruner.models import EMBEDDED_MODEL
+from dpruner.owl import PROFILES
 from dpruner.sweep import PLOT, RESULTS_CSV, SPARSITY_METHODS, EvalSettings, SweepConfig, parse_list, run_sweep
 
 
@@ -56,6 +57,8 @@ def build_parser():
     sparsity.add_argument("--nsamples", type=int, default=DEFAULT_NSAMPLES,
                           help="calibration windows of wanda / sparsegpt / mixcal (C4; mixcal: half domain text)")
     sparsity.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN, help="tokens per calibration window")
+    sparsity.add_argument("--sparsity-profile", choices=PROFILES, default="uniform",
+                          help="prune_baseline.py --sparsity-profile for every method (owl: OWL block sparsities)")
     lam.add_argument("--lambdas", default="0,0.01,0.1,1", help="comma-separated regularizer weights, each >= 0")
     lam.add_argument("--sparsity", "--sparsities", dest="sparsities", default="0.5",
                      help="comma-separated sparsities the masks are saved at (stage 2 runs once per lambda)")
@@ -95,7 +98,8 @@ def to_config(args: Namespace) -> SweepConfig:
                   batch_size=args.batch_size, keep_models=args.keep_models, fresh=args.fresh)
     if args.kind == "sparsity":
         return SweepConfig(**common, methods=parse_list(args.methods, "--methods"),
-                           scores=cli.resolve_out(args.scores), nsamples=args.nsamples, seqlen=args.seqlen)
+                           scores=cli.resolve_out(args.scores), nsamples=args.nsamples, seqlen=args.seqlen,
+                           sparsity_profile=args.sparsity_profile)
     launcher = [sys.executable] if args.launcher == "python" else shlex.split(args.launcher)
     return SweepConfig(**common, lambdas=parse_list(args.lambdas, "--lambdas", number=True),
                        general_importance=cli.resolve_out(args.general_importance),

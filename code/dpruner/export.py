@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import platform
 import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from dpruner import __version__
 from dpruner.checkpoint import write_checksums
 from dpruner.errors import DPrunerError
 from dpruner.io import atomic_dir, write_json
-from dpruner.models import PROJECTIONS, count_parameters, decoder_layers, projection_modules
+from dpruner.models import PROJECTIONS, decoder_layers, projection_modules
 
 REPORT_NAME = "pruning_report.json"
 
@@ -31,44 +32,63 @@ def versions() -> dict[str, Any]:
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine()}
 
 
-def mask_checksum(model: nn.Module) -> str:
-    """sha256 of which projection weights are zero, layer by layer in PROJECTIONS order: two runs
-    pruned the same weights exactly when their checksums agree (whatever the kept values)."""
-    digest = hashlib.sha256()
-    for index, layer in enumerate(decoder_layers(model)):
-        for name, linear in projection_modules(layer).items():
-            zeros = (linear.weight.detach() == 0).cpu().numpy()
-            digest.update(f"{index}.{name}:{list(zeros.shape)}".encode())
-            digest.update(np.packbits(zeros).tobytes())
-    return digest.hexdigest()
+class SparsityCounter:
+    """Zeros per layer and projection, and over all parameters, counted tensor by tensor (so a
+    streamed model that is never whole in memory gets the same report). `mask_sha256` hashes which
+    projection weights are zero, layer by layer in module order: two runs pruned the same weights
+    exactly when their checksums agree (whatever the kept values)."""
+
+    def __init__(self) -> None:
+        self.per_layer: list[dict[str, Any]] = []
+        self.zeros_proj = self.total_proj = self.zeros_all = self.total_all = 0
+        self.mask_digest = hashlib.sha256()
+
+    def add_tensor(self, tensor: torch.Tensor) -> int:
+        zeros = tensor.numel() - int(torch.count_nonzero(tensor))
+        self.zeros_all += zeros
+        self.total_all += tensor.numel()
+        return zeros
+
+    def add_layer(self, index: int, projections: Mapping[str, torch.Tensor], others: Iterable[torch.Tensor]) -> None:
+        entry: dict[str, Any] = {"layer": index}
+        for name, weight in projections.items():
+            zeros = self.add_tensor(weight)
+            self.mask_digest.update(f"{index}.{name}:{list(weight.shape)}".encode())
+            self.mask_digest.update(np.packbits((weight.detach() == 0).cpu().numpy()).tobytes())
+            entry[name] = round(zeros / weight.numel(), 6)
+            self.zeros_proj += zeros
+            self.total_proj += weight.numel()
+        for tensor in others:
+            self.add_tensor(tensor)
+        self.per_layer.append(entry)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "projections": list(PROJECTIONS),
+            "projection_sparsity": self.zeros_proj / self.total_proj,
+            "overall_sparsity": self.zeros_all / self.total_all,
+            "projection_weights": self.total_proj,
+            "all_parameters": self.total_all,
+            "zero_projection_weights": self.zeros_proj,
+            "zero_parameters": self.zeros_all,
+            "per_layer": self.per_layer,
+            "mask_sha256": self.mask_digest.hexdigest(),
+        }
 
 
 def sparsity_report(model: nn.Module) -> dict[str, Any]:
     """Zeros per layer and projection, over the pruned matrices and over all (unique) parameters."""
-    per_layer = []
-    zeros_proj = total_proj = 0
+    counter = SparsityCounter()
+    seen: set[int] = set()
     for index, layer in enumerate(decoder_layers(model)):
-        entry: dict[str, Any] = {"layer": index}
-        for name, linear in projection_modules(layer).items():
-            zeros = linear.weight.numel() - int(torch.count_nonzero(linear.weight))
-            entry[name] = round(zeros / linear.weight.numel(), 6)
-            zeros_proj += zeros
-            total_proj += linear.weight.numel()
-        per_layer.append(entry)
-    unique = {id(p): p for p in model.parameters()}.values()
-    zeros_all = sum(p.numel() - int(torch.count_nonzero(p)) for p in unique)
-    total_all = count_parameters(model)
-    return {
-        "projections": list(PROJECTIONS),
-        "projection_sparsity": zeros_proj / total_proj,
-        "overall_sparsity": zeros_all / total_all,
-        "projection_weights": total_proj,
-        "all_parameters": total_all,
-        "zero_projection_weights": zeros_proj,
-        "zero_parameters": zeros_all,
-        "per_layer": per_layer,
-        "mask_sha256": mask_checksum(model),
-    }
+        projections = {name: linear.weight for name, linear in projection_modules(layer).items()}
+        weights = {id(w) for w in projections.values()}
+        counter.add_layer(index, projections, [p for p in layer.parameters() if id(p) not in weights])
+        seen.update(id(p) for p in layer.parameters())
+    for param in {id(p): p for p in model.parameters()}.values():
+        if id(param) not in seen:
+            counter.add_tensor(param)
+    return counter.report()
 
 
 def check_output_dir(out: str | Path, overwrite: bool) -> Path:

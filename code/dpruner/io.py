@@ -242,7 +242,7 @@ class StreamingSafetensors:
             raise ValueError(f"{name}: shape {list(tensor.shape)}, header says {entry['shape']}")
         data = tensor.detach().to(device="cpu", dtype=self.dtype).contiguous()
         self._handle.seek(self._start + entry["data_offsets"][0])
-        self._handle.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        self._handle.write(memoryview(data.view(torch.uint8).numpy()) if data.numel() else b"")  # no copy
         self._pending.discard(name)
 
     def commit(self) -> None:
@@ -349,10 +349,20 @@ class ScoreWriter:
 
     def save_layer(self, layer: int, sink: StreamingSafetensors,
                    resume: Mapping[str, torch.Tensor] | None = None) -> None:
+        state = None
         try:
-            if resume is not None:
-                save_tensors(self.folder / RESUME_DIR / f"layer_{layer:03d}.safetensors", resume)
-        except BaseException:  # interrupted: the layer's half-made score file must not stay behind
+            if resume is not None:  # tensor by tensor: no second copy of the layer in memory
+                path = self.folder / RESUME_DIR / f"layer_{layer:03d}.safetensors"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                state = StreamingSafetensors(path, {k: tuple(v.shape) for k, v in resume.items()},
+                                             next(iter(resume.values())).dtype)
+                for name, tensor in resume.items():
+                    state.write(name, tensor)
+                state.commit()
+                state = None
+        except BaseException:  # interrupted: the layer's half-made files must not stay behind
+            if state is not None:
+                state.abort()
             sink.abort()
             raise
         sink.commit()

@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -164,17 +165,49 @@ def _prune_layer(method: PruningMethod, index: int, layer: nn.Module, linears: d
             del outcome  # free the scores and the new weight before the next linear
 
 
+class LayerSource(Protocol):
+    """Where the driver gets decoder layer i and where it goes when done (resident or streamed)."""
+
+    def capture(self, model: nn.Module, calibration: dict[str, torch.Tensor],
+                batch_size: int) -> dict[str, LayerInputs]: ...
+
+    def fetch(self, index: int) -> nn.Module: ...
+
+    def release(self, index: int, layer: nn.Module) -> None: ...
+
+
+class ResidentLayers:
+    """The whole model is in CPU memory: move each layer to the device and back."""
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.layers, self.device = decoder_layers(model), device
+
+    def capture(self, model: nn.Module, calibration: dict[str, torch.Tensor],
+                batch_size: int) -> dict[str, LayerInputs]:
+        """Layer-0 inputs of every calibration set."""
+        return {name: capture_layer0_inputs(model, ids, batch_size, self.device) for name, ids in calibration.items()}
+
+    def fetch(self, index: int) -> nn.Module:
+        return self.layers[index].to(self.device)
+
+    def release(self, index: int, layer: nn.Module) -> None:
+        if self.device.type != "cpu":
+            layer.to("cpu")
+
+
 def prune_layerwise(model: nn.Module, method: PruningMethod, calibration: dict[str, torch.Tensor] | None, *,
                     batch_size: int = 8, device: torch.device | None = None, writer: ScoreWriter | None = None,
                     true_sequential: bool = False, progress: bool = True,
-                    modules: tuple[str, ...] = PROJECTIONS) -> PruneSummary:
+                    modules: tuple[str, ...] = PROJECTIONS, source: LayerSource | None = None) -> PruneSummary:
     """Prune every decoder layer of `model` in place with `method`.
 
     `calibration` maps a set name to token ids [n, seqlen] (None for data-free methods). With `writer`,
     scores and pruned weights are saved per layer and an interrupted run resumes after its last layer.
+    `source` streams layers from disk (`dpruner.streaming.StreamedLayers`); default: `model` holds them.
     """
     device = device or next(model.parameters()).device
     layers = decoder_layers(model)
+    source = source or ResidentLayers(model, device)
     needs_data = method.statistic is not None
     if needs_data and not calibration:
         raise ValueError(f"method {method.name} needs calibration data")
@@ -182,13 +215,12 @@ def prune_layerwise(model: nn.Module, method: PruningMethod, calibration: dict[s
     start = writer.layers_done if writer else 0
     summary = PruneSummary()
     began = time.time()
-    inputs = ({name: capture_layer0_inputs(model, ids, batch_size, device) for name, ids in calibration.items()}
-              if needs_data else {})
+    inputs = source.capture(model, calibration, batch_size) if needs_data else {}
     kill_after = os.environ.get(KILL_AFTER_LAYER_ENV)
 
     bar = tqdm(range(len(layers)), desc=f"{method.name} layers", disable=not progress, unit="layer")
     for index in bar:
-        layer = layers[index].to(device)
+        layer = source.fetch(index)
         linears = projection_modules(layer)
         if index < start:  # finished in an earlier run: restore its pruned weights, then replay it
             for name, weight in writer.resume_state(index).items():
@@ -208,8 +240,7 @@ def prune_layerwise(model: nn.Module, method: PruningMethod, calibration: dict[s
                     os.kill(os.getpid(), signal.SIGKILL)
         if needs_data:
             inputs = {name: run_layer(layer, layer_inputs) for name, layer_inputs in inputs.items()}
-        if device.type != "cpu":
-            layers[index].to("cpu")
+        source.release(index, layer)
         summary.layers += 1
     summary.seconds = time.time() - began
     return summary

@@ -1,7 +1,8 @@
 """Model loading (embedded default, local folder, or hub name) and the prunable projections.
 
 Everything downstream works on `model.model.layers[i]` with the LLaMA-style module names below,
-so LLaMA, Mistral, Qwen2 and similar decoders work without per-model drivers.
+so LLaMA, Mistral, Qwen2, Qwen3 and similar decoders work without per-model drivers
+(`dpruner.architectures` refuses fused-projection and mixture-of-experts models in one line).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dpruner.architectures import refuse_unsupported
 from dpruner.errors import DPrunerError
 from dpruner.io import atomic_dir
 from dpruner.paths import cache_dir
@@ -166,6 +168,7 @@ def projection_modules(layer: nn.Module) -> dict[str, nn.Linear]:
 
 def check_supported(model: nn.Module, name: str = "model") -> None:
     layers = decoder_layers(model)
+    refuse_unsupported(layers[0], model.config, name)
     try:
         projection_modules(layers[0])
     except DPrunerError as err:
@@ -180,21 +183,41 @@ def count_parameters(model: nn.Module) -> int:
 
 def meta_skeleton(name: str) -> nn.Module:
     """The model built from its config on the meta device (no weights): cheap structure checks before
-    any heavy work. Raises a one-line error for unreadable configs and unsupported architectures."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    any heavy work. Raises a one-line error for unreadable configs, unsupported architectures and
+    checkpoints whose tensors disagree with the config (missing, unexpected, mismatched)."""
+    resolved = resolve_model(name)
+    skeleton = build_skeleton(read_config(resolved, name), name)
+    if Path(resolved).is_dir():
+        from dpruner.checkpoint import verify_model_folder
+
+        verify_model_folder(resolved, skeleton, checksums=False)
+    return skeleton
+
+
+def read_config(resolved: str, name: str):
+    """The config of a resolved model (`name` is what the user gave, for the error line)."""
+    from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(resolve_model(name))
+        return AutoConfig.from_pretrained(resolved)
     except (OSError, ValueError) as err:
         raise DPrunerError(f"model {name!r}: cannot read its config ({str(err).splitlines()[0]})") from None
+
+
+def build_skeleton(config, name: str = "model") -> nn.Module:
+    """The model of `config` on the meta device (nothing allocated, whatever its size); modules whose
+    buffers are computed rather than stored (rotary `inv_freq`) are rebuilt for real, so the
+    embeddings-to-layer-0 part of a forward can run on a streamed model."""
+    from transformers import AutoModelForCausalLM
+
     try:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
     except ValueError as err:
         raise DPrunerError(f"model {name!r} is not a causal LM ({str(err).splitlines()[0]})") from None
     check_supported(skeleton, name)
-    if Path(resolve_model(name)).is_dir():
-        from dpruner.checkpoint import verify_model_folder
-
-        verify_model_folder(resolve_model(name), skeleton, checksums=False)
+    for parent in list(skeleton.modules()):
+        for child_name, child in parent.named_children():
+            if any(buffer.is_meta for buffer in child.buffers(recurse=False)):
+                setattr(parent, child_name, type(child)(config=skeleton.config))  # rotary embeddings
     return skeleton

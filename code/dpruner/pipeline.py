@@ -34,8 +34,10 @@ from dpruner.layerwise import prune_layerwise
 from dpruner.provenance import fingerprint
 from dpruner.methods.base import PruningMethod
 from dpruner.masks import parse_pattern
-from dpruner.models import (PROJECTIONS, decoder_layers, load_model, load_tokenizer, meta_skeleton,
-                            projection_modules, resolve_device)
+from dpruner.model_handle import ModelHandle
+from dpruner.owl import OwlProfile, apply_profile
+from dpruner.models import PROJECTIONS, decoder_layers, projection_modules, resolve_device, resolve_dtype
+from dpruner.streaming import StreamedLayers, StreamedOutput, open_streamed, should_stream
 
 MIX = "mix"
 C4 = "c4"
@@ -132,12 +134,12 @@ def build_calibration(spec: CalibrationSpec, tokenizer,
     return dict(zip(split_names, halves))
 
 
-def check_model_structure(model_name: str, pattern: str = "unstructured") -> int:
+def check_model_structure(model: str | ModelHandle, pattern: str = "unstructured") -> int:
     """Check the model's layout without loading weights, and that an N:M `pattern` divides every
     projection's input size; return its layer count."""
-    skeleton = meta_skeleton(model_name)
-    check_pattern_fits(skeleton, pattern, model_name)
-    return len(skeleton.model.layers)
+    handle = ModelHandle.resolve(model)
+    check_pattern_fits(handle.skeleton, pattern, handle.name)
+    return handle.num_layers
 
 
 def check_pattern_fits(model: nn.Module, pattern: str, model_name: str) -> None:
@@ -151,16 +153,24 @@ def check_pattern_fits(model: nn.Module, pattern: str, model_name: str) -> None:
                                f"not a multiple of M={n_m[1]}")
 
 
-def prune_with_method(model_name: str, method: PruningMethod, calibration: CalibrationSpec | None, *,
+def prune_with_method(model_name: str | ModelHandle, method: PruningMethod, calibration: CalibrationSpec | None, *,
                       scores_out: str | Path | None, save_pruned: str | Path | None, overwrite: bool = False,
                       dtype: str = "auto", device: str | None = None, batch_size: int = 8,
-                      true_sequential: bool = False, kind: str = "scores") -> dict[str, Any]:
-    """Run `method` layer by layer over `model_name`; write scores and/or the pruned model.
+                      true_sequential: bool = False, kind: str = "scores", offload: str = "auto",
+                      profile: OwlProfile | None = None) -> dict[str, Any]:
+    """Run `method` layer by layer over the model; write scores and/or the pruned model.
 
-    Data-free methods (`statistic` None) read no calibration, whatever is passed.
+    Data-free methods (`statistic` None) read no calibration, whatever is passed, unless the OWL
+    `profile` needs it. `offload` (auto | none | disk) streams the decoder layers from the checkpoint
+    instead of loading the whole model.
     """
     split_names = method.calibration_sets
-    if method.statistic is None:
+    if profile is not None:
+        if parse_pattern(getattr(method, "pattern", "unstructured")):
+            raise DPrunerError("--sparsity-profile owl needs unstructured sparsity (an N:M pattern fixes every "
+                               "block at N/M)")
+        profile.check(method.sparsity)
+    if method.statistic is None and profile is None:
         calibration = None
     else:
         if calibration is None:
@@ -169,9 +179,12 @@ def prune_with_method(model_name: str, method: PruningMethod, calibration: Calib
         if split_names and calibration.dataset != MIX:
             raise DPrunerError(f"method {method.name} blends C4 with domain text: it needs --calibration {MIX} "
                                f"--domain {'|'.join(shipped_domains())}|YAML, got --calibration {calibration.dataset}")
-    resolve_device(device)
-    settings: dict[str, Any] = dict(method.settings(), true_sequential=true_sequential, dtype=dtype)
-    num_layers = check_model_structure(model_name, settings.get("pattern", "unstructured"))
+    target = resolve_device(device)
+    handle = ModelHandle.resolve(model_name)
+    model_name = handle.name
+    settings: dict[str, Any] = dict(method.settings(), true_sequential=true_sequential, dtype=dtype,
+                                    **(profile.settings() if profile else {}))
+    num_layers = check_model_structure(handle, settings.get("pattern", "unstructured"))
     if calibration is not None:
         settings["calibration"] = asdict(calibration) | {"data_dir": None}
     score_input = getattr(getattr(method, "score_set", None), "folder", None)
@@ -183,20 +196,40 @@ def prune_with_method(model_name: str, method: PruningMethod, calibration: Calib
               if scores_out else None)
     if save_pruned:
         check_output_dir(save_pruned, overwrite)
-    tokenizer = load_tokenizer(model_name)
-    windows = build_calibration(calibration, tokenizer, split_names) if calibration is not None else None
+    torch_dtype = resolve_dtype(dtype, target)
+    streamed = should_stream(offload, handle, torch_dtype)
+    windows = build_calibration(calibration, handle.tokenizer, split_names) if calibration is not None else None
 
     began = time.time()
-    target = resolve_device(device)
-    model = load_model(model_name, dtype=dtype, device="cpu" if target.type == "cuda" else target)
-    summary = prune_layerwise(model, method, windows, batch_size=batch_size, device=target, writer=writer,
-                              true_sequential=true_sequential)
+    output = None
+    if streamed:
+        model = open_streamed(handle, torch_dtype, target)
+        output = StreamedOutput(Path(save_pruned), handle.checkpoint, torch_dtype) if save_pruned else None
+        source = StreamedLayers(model, handle.checkpoint, torch_dtype, target, output)
+    else:
+        model, source = handle.load(dtype, device="cpu" if target.type == "cuda" else target), None
+    try:
+        owl = (apply_profile(profile, method, model, windows, batch_size=batch_size, device=target,
+                             source=StreamedLayers(model, handle.checkpoint, torch_dtype, target) if streamed else None)
+               if profile else None)
+        summary = prune_layerwise(model, method, windows, batch_size=batch_size, device=target, writer=writer,
+                                  true_sequential=true_sequential, source=source)
+    except BaseException:
+        if output is not None:
+            output.abort()
+        raise
     result: dict[str, Any] = {"model": model_name, "settings": settings, "seconds": round(time.time() - began, 2),
-                              "this_run": summary.as_dict(), "versions": versions()}
+                              "offload": "disk" if streamed else "none", "this_run": summary.as_dict(),
+                              "versions": versions()}
+    if owl:
+        result["owl"] = owl
     if save_pruned:  # before the scores are marked complete, so a failed save resumes instead of refusing
         report = {"method": method.name, "base_model": model_name, "settings": settings,
-                  "scores": str(scores_out) if scores_out else None}
-        save_pruned_model(model, tokenizer, save_pruned, report)
+                  "scores": str(scores_out) if scores_out else None, **({"owl": owl} if owl else {})}
+        if output is not None:
+            output.finish(handle.config, handle.tokenizer, report)
+        else:
+            save_pruned_model(model, handle.tokenizer, save_pruned, report)
         result["pruned_model"] = str(save_pruned)
     if writer is not None:
         writer.finish(summary=result)

@@ -25,10 +25,11 @@ from dpruner.export import REPORT_NAME, check_output_dir, save_pruned_model
 from dpruner.guard import Output, model_inputs, protect
 from dpruner.io import ScoreSet
 from dpruner.masks import parse_pattern, select
-from dpruner.models import (EMBEDDED_MODEL, PROJECTIONS, decoder_layers, load_model, load_tokenizer,
-                            projection_modules, resolve_model)
+from dpruner.model_handle import ModelHandle
+from dpruner.models import EMBEDDED_MODEL, PROJECTIONS, decoder_layers, projection_modules, resolve_device, resolve_dtype
 from dpruner.pipeline import check_model_structure
 from dpruner.provenance import ALLOW_OPTION, check_same_model
+from dpruner.streaming import StreamedOutput, add_offload_option, should_stream, stream_masked_copy
 
 # The original save_model.py / save_model_iterative.py prune `importance <= numpy.percentile(·, 52)`.
 DEFAULT_SPARSITY = 0.52
@@ -74,6 +75,20 @@ def check_layer_count(scores: ScoreSet, num_layers: int) -> None:
                            f"the model has {num_layers} decoder layers")
 
 
+def layer_masks(scores: ScoreSet, index: int, modules: Mapping[str, nn.Linear], sparsity: float, scope: str,
+                blocks: int, pattern: str, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Validate layer `index`'s scores against its projections and return their masks (True = pruned)."""
+    tensors = scores.layer(index)
+    check_layer_scores(scores.folder, index, tensors, modules)
+    masks = {}
+    for name in modules:
+        try:
+            masks[name] = select(tensors[name].to(device), sparsity, scope=scope, blocks=blocks, pattern=pattern)
+        except DPrunerError as err:
+            raise DPrunerError(f"layer {index} {name}: {err}") from None
+    return masks
+
+
 def apply_scores(model: nn.Module, scores: ScoreSet, sparsity: float, scope: str = "matrix",
                  blocks: int = DEFAULT_BLOCKS, pattern: str = "unstructured") -> dict[str, torch.Tensor]:
     """Zero the lowest-scoring weights of every projection; returns the masks (True = pruned, on CPU),
@@ -88,53 +103,59 @@ def apply_scores(model: nn.Module, scores: ScoreSet, sparsity: float, scope: str
     targets: dict[str, nn.Linear] = {}
     for index, layer in enumerate(layers):
         modules = projection_modules(layer)
-        tensors = scores.layer(index)
-        check_layer_scores(scores.folder, index, tensors, modules)
-        for name, linear in modules.items():
+        device = next(iter(modules.values())).weight.device
+        for name, mask in layer_masks(scores, index, modules, sparsity, scope, blocks, pattern, device).items():
             key = f"model.layers.{index}.{name}.weight"
-            try:
-                mask = select(tensors[name].to(linear.weight.device), sparsity, scope=scope, blocks=blocks,
-                              pattern=pattern)
-            except DPrunerError as err:
-                raise DPrunerError(f"layer {index} {name}: {err}") from None
             masks[key] = mask.cpu()
-            targets[key] = linear
+            targets[key] = modules[name]
     with torch.no_grad():
         for key, linear in targets.items():
             linear.weight.masked_fill_(masks[key].to(linear.weight.device), 0)
     return masks
 
 
-def stored_dtype(model_path: str) -> str:
+def stored_dtype(config) -> str:
     """The checkpoint's own dtype (masking needs no arithmetic, so unpruned weights keep their exact
     bits; LLaMA-2 is fp16, as the original loads it); `auto` when the config does not say."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_path)
     return _KEPT_DTYPES.get(getattr(config, "dtype", None), "auto")
 
 
 def prune_from_scores(model_name: str, importance: str | Path, out: str | Path, *,
                       sparsity: float = DEFAULT_SPARSITY, scope: str = "matrix", blocks: int = DEFAULT_BLOCKS,
                       pattern: str = "unstructured", overwrite: bool = False, dtype: str = "auto",
-                      device: str | None = None, allow_other_model: bool = False) -> dict[str, Any]:
-    """Load the original model, mask it with `importance`, save it with pruning_report.json."""
+                      device: str | None = None, offload: str = "auto",
+                      allow_other_model: bool = False) -> dict[str, Any]:
+    """Load the original model (or stream it layer by layer, `offload`), mask it with `importance`,
+    save it with pruning_report.json."""
     check_options(sparsity, scope, blocks, pattern)
     out = check_output_dir(out, overwrite)
     protect([Output("output", out)], model_inputs(model_name, **{"importance folder": importance}))
     scores = ScoreSet.open(importance)
     check_same_model(scores.manifest, scores.folder, model_name, allow_other_model)
-    resolved = resolve_model(model_name)
-    check_layer_count(scores, check_model_structure(model_name))
+    handle = ModelHandle.resolve(model_name)
+    check_layer_count(scores, check_model_structure(handle))
     if dtype == "auto":
-        dtype = stored_dtype(resolved)
+        dtype = stored_dtype(handle.config)
+    target = resolve_device(device)
+    streamed = should_stream(offload, handle, resolve_dtype(dtype, target))
 
     began = time.time()
-    tokenizer = load_tokenizer(model_name)
-    model = load_model(model_name, dtype=dtype, device=device)
-    masks = apply_scores(model, scores, sparsity, scope=scope, blocks=blocks, pattern=pattern)
-    masked = sum(int(mask.sum()) for mask in masks.values())
-    total = sum(mask.numel() for mask in masks.values())
+    tokenizer = handle.tokenizer
+    if streamed:
+        output = StreamedOutput(out, handle.checkpoint, resolve_dtype(dtype, target))
+        try:
+            masked, total = stream_masked_copy(handle, output, lambda index, modules: layer_masks(
+                scores, index, modules, sparsity, scope, blocks, pattern, target))
+        except BaseException:
+            output.abort()
+            raise
+        stored = output.dtype
+    else:
+        model = handle.load(dtype, device=target)
+        masks = apply_scores(model, scores, sparsity, scope=scope, blocks=blocks, pattern=pattern)
+        masked = sum(int(mask.sum()) for mask in masks.values())
+        total = sum(mask.numel() for mask in masks.values())
+        stored = next(model.parameters()).dtype
     n_m = parse_pattern(pattern)
     report = {
         "method": "importance-mask",
@@ -143,10 +164,14 @@ def prune_from_scores(model_name: str, importance: str | Path, out: str | Path, 
         "mask": {"scope": "n:m" if n_m else scope, "blocks": blocks if scope == "block" and not n_m else None,
                  "pattern": pattern, "sparsity": n_m[0] / n_m[1] if n_m else sparsity,
                  "masked_weights": masked, "projection_weights": total},
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "dtype": str(stored).removeprefix("torch."),
+        "offload": "disk" if streamed else "none",
         "seconds": round(time.time() - began, 2),
     }
-    save_pruned_model(model, tokenizer, out, report)
+    if streamed:
+        output.finish(handle.config, tokenizer, report)
+    else:
+        save_pruned_model(model, tokenizer, out, report)
     sparsity_summary = json.loads((out / REPORT_NAME).read_text())["sparsity"]
     sparsity_summary.pop("per_layer")
     return {"pruned_model": str(out), "report": str(out / REPORT_NAME), "seconds": report["seconds"],
@@ -180,6 +205,7 @@ def build_parser(description: str, prog: str, scope: str) -> argparse.ArgumentPa
                              "loads it), float32, bfloat16, float16")
     parser.add_argument("--device", default=None,
                         help="cpu or cuda; unset: cuda if available (it only speeds up the sorting)")
+    add_offload_option(parser)
     return parser
 
 
@@ -190,7 +216,7 @@ def main(argv: Sequence[str] | None, *, description: str, prog: str, scope: str)
     result = prune_from_scores(args.model, cli.resolve_out(args.importance), cli.resolve_out(args.out),
                                sparsity=args.sparsity, scope=scope, blocks=getattr(args, "blocks", DEFAULT_BLOCKS),
                                pattern=args.pattern, overwrite=args.overwrite, dtype=args.dtype, device=args.device,
-                               allow_other_model=args.allow_other_model)
+                               offload=args.offload, allow_other_model=args.allow_other_model)
     sparsity = result["sparsity"]
     print(json.dumps(result))
     print(f"pruned model: {result['pruned_model']}")

@@ -107,6 +107,7 @@ class SweepConfig:
     launcher: list[str] = field(default_factory=lambda: [sys.executable])
     nsamples: int = 128
     seqlen: int = 2048
+    sparsity_profile: str = "uniform"  # prune_baseline.py --sparsity-profile (owl: OWL block sparsities)
     evaluation: EvalSettings = field(default_factory=EvalSettings)
     batch_size: int = 8
     keep_models: bool = False
@@ -188,6 +189,9 @@ class SweepConfig:
             recipe["scores"] = str(self.scores)
         elif point.method != "magnitude":
             recipe["calibration"] = {"nsamples": self.nsamples, "seqlen": self.seqlen}
+        if self.sparsity_profile != "uniform" and point.lam is None:
+            recipe["sparsity_profile"] = self.sparsity_profile
+            recipe["calibration"] = {"nsamples": self.nsamples, "seqlen": self.seqlen}
         return recipe
 
     def recipe_path(self, point: Point) -> Path:
@@ -209,8 +213,10 @@ class SweepConfig:
                         "--sparsity", point.sparsity)
         command = _cli("prune_baseline.py", point.method, self.model, target, "--sparsity", point.sparsity)
         if point.method == "dpruner":
-            return [*command, "--scores", str(self.scores)]
-        if point.method == "magnitude":
+            command += ["--scores", str(self.scores)]
+        if self.sparsity_profile != "uniform":  # OWL measures outliers on calibration data, for every method
+            command += ["--sparsity-profile", self.sparsity_profile]
+        elif point.method in ("dpruner", "magnitude"):
             return command
         command += ["--nsamples", str(self.nsamples), "--seqlen", str(self.seqlen)]
         return [*command, "--calibration", "mix", "--domain", self.domain] if point.method == "mixcal" else command

@@ -52,6 +52,16 @@ class PruningMethod(ABC):
     # Names of the calibration sets a method weighs separately (MixCal); None = one pooled set.
     calibration_sets: ClassVar[tuple[str, str] | None] = None
 
+    # One sparsity per decoder block (OWL, `dpruner.owl`); None = `self.sparsity` in every block.
+    layer_sparsity: list[float] | None = None
+
+    def sparsity_at(self, layer: int) -> float:
+        return self.sparsity if self.layer_sparsity is None else self.layer_sparsity[layer]  # type: ignore[attr-defined]
+
+    def group_widths(self, in_features: int) -> tuple[int, ...]:
+        """Column widths of the groups the method ranks within (OWL rounds block sparsities to them)."""
+        return (in_features,)
+
     @abstractmethod
     def prune(self, layer: int, module_name: str, weight: torch.Tensor,
               stats: dict[str, LayerStats] | None) -> LayerOutcome:

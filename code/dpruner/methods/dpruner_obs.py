@@ -48,15 +48,20 @@ class DPrunerOBS(MixCal):
         return super().settings() | {"selection": self.selection, "scores": str(self.score_set.folder),
                                      "scores_kind": self.score_set.manifest.get("kind")}
 
+    def group_widths(self, in_features: int) -> tuple[int, ...]:
+        """`mask` ranks whole matrices (as stage 3), `saliency` within SparseGPT's column blocks."""
+        return (in_features,) if self.selection == "mask" else super().group_widths(in_features)
+
     def prune(self, layer: int, module_name: str, weight: torch.Tensor,
               stats: dict[str, LayerStats] | None) -> LayerOutcome:
         importance = self.dual.scores(layer, module_name, weight, None).float()
         hessian = self.hessian(stats)
+        sparsity = self.sparsity_at(layer)
         if self.selection == "mask":
-            mask = select(importance, self.sparsity, scope="matrix", pattern=self.pattern)
-            result = obs_prune(weight, hessian, self.sparsity, blocksize=self.blocksize, percdamp=self.percdamp,
+            mask = select(importance, sparsity, scope="matrix", pattern=self.pattern)
+            result = obs_prune(weight, hessian, sparsity, blocksize=self.blocksize, percdamp=self.percdamp,
                                fixed_mask=mask)
         else:
-            result = obs_prune(weight, hessian, self.sparsity, blocksize=self.blocksize, percdamp=self.percdamp,
+            result = obs_prune(weight, hessian, sparsity, blocksize=self.blocksize, percdamp=self.percdamp,
                                n_m=self.n_m, selection_scores=importance)
         return LayerOutcome(scores=importance, weight=result.weight, mask=result.mask, loss=result.loss)

@@ -40,6 +40,9 @@ class ScoreMaskMethod(PruningMethod):
         return {"method": self.name, "sparsity": self.n_m[0] / self.n_m[1] if self.n_m else self.sparsity,
                 "pattern": self.pattern, "scope": group, "blocks": self.blocks if group == "block" else None}
 
+    def group_widths(self, in_features: int) -> tuple[int, ...]:
+        return (in_features // self.blocks,) if self.scope == "block" else (in_features,)
+
     @abstractmethod
     def scores(self, layer: int, module_name: str, weight: torch.Tensor,
                stats: dict[str, LayerStats] | None) -> torch.Tensor:
@@ -48,7 +51,7 @@ class ScoreMaskMethod(PruningMethod):
     def prune(self, layer: int, module_name: str, weight: torch.Tensor,
               stats: dict[str, LayerStats] | None) -> LayerOutcome:
         scores = self.scores(layer, module_name, weight, stats).float()
-        mask = select(scores, self.sparsity, scope=self.scope, blocks=self.blocks, pattern=self.pattern)
+        mask = select(scores, self.sparsity_at(layer), scope=self.scope, blocks=self.blocks, pattern=self.pattern)
         return LayerOutcome(scores=scores, weight=weight.masked_fill(mask, 0), mask=mask)
 
 

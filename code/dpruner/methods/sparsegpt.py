@@ -27,12 +27,16 @@ class SparseGPT(PruningMethod):
         return {"method": self.name, "sparsity": self.sparsity, "pattern": self.pattern,
                 "blocksize": self.blocksize, "percdamp": self.percdamp}
 
+    def group_widths(self, in_features: int) -> tuple[int, ...]:
+        """The OBS sweep prunes within blocks of `blocksize` columns (the last one may be narrower)."""
+        return tuple(w for w in (min(self.blocksize, in_features), in_features % self.blocksize) if w)
+
     def hessian(self, stats: dict[str, LayerStats] | None) -> torch.Tensor:
         """The Hessian to prune with; MixCal overrides this to mix calibration sets."""
         return single_set(stats, self.name).hessian()
 
     def prune(self, layer: int, module_name: str, weight: torch.Tensor,
               stats: dict[str, LayerStats] | None) -> LayerOutcome:
-        result = obs_prune(weight, self.hessian(stats), self.sparsity, blocksize=self.blocksize,
+        result = obs_prune(weight, self.hessian(stats), self.sparsity_at(layer), blocksize=self.blocksize,
                            percdamp=self.percdamp, n_m=self.n_m)
         return LayerOutcome(scores=result.saliency, weight=result.weight, mask=result.mask, loss=result.loss)

@@ -188,12 +188,13 @@ def main(argv=None) -> int:
         return 0
 
     method = get_method(args.method, sparsity=args.sparsity, **method_options(args))
+    profile = profile_from_args(args)
+    # The calibration spec (a domain YAML's rows included) is checked before the model is touched.
+    calibration = calibration_spec(args) if method.statistic is not None or profile else None
     handle = ModelHandle.resolve(args.model)
     if args.method in METHOD_OPTIONS["scores"]:
         check_layer_count(method.score_set, check_model_structure(handle))
         check_same_model(method.score_set.manifest, method.score_set.folder, args.model, args.allow_other_model)
-    profile = profile_from_args(args)
-    calibration = calibration_spec(args) if method.statistic is not None or profile else None
     result = prune_with_method(handle, method, calibration, scores_out=cli.resolve_out(args.save_scores),
                                save_pruned=out, overwrite=args.overwrite, dtype=args.dtype, device=args.device,
                                batch_size=args.batch_size, true_sequential=args.true_sequential,

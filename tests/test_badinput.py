@@ -279,8 +279,10 @@ def test_bad_input_gives_one_line_and_changes_nothing(case, world, tmp_path, cap
 
 
 def test_short_casehold_file_warns_like_billsum_and_pubmedqa(tmp_path, capsys):
-    from dpruner.data.domain import casehold_texts
+    from dpruner.data.domain import training_texts
+    from dpruner.data.spec import load_domain
 
-    texts = casehold_texts(short_casehold(tmp_path), 500)
+    short_casehold(tmp_path)
+    texts = training_texts(load_domain("legal"), tmp_path, {"casehold_examples": 500, "billsum_examples": 0})
     assert len(texts) == 2
-    assert "CaseHOLD (train.txt): 500 examples requested, only 2 available" in capsys.readouterr().err
+    assert "casehold: 500 examples requested, only 2 available" in capsys.readouterr().err

@@ -182,7 +182,7 @@ def test_reproduce_tables_help_and_bad_arguments():
     help_text = run_script("--help")
     assert help_text.returncode == 0 and "Usage: scripts/reproduce_tables.sh legal|medical" in help_text.stdout
     assert "domain-only" in help_text.stdout and "general-only" in help_text.stdout
-    for args, message in ((["finance"], "first argument must be legal or medical"),
+    for args, message in ((["finance"], "first argument must be legal, medical or a domain YAML path"),
                           (["legal", "--bogus"], "unknown option --bogus")):
         result = run_script(*args)
         lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]

@@ -122,6 +122,7 @@ ROW_NAMES = {
 
 
 EXAMPLES_KEY = "_examples_path"  # set by load_results when a result's per-unit rows lie beside it
+EXAMPLES_ROWS_KEY = "_examples_rows"  # those rows, once the first column has read them
 
 
 def load_results(folder: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
@@ -156,7 +157,9 @@ def _units(result: dict[str, Any], column: Column) -> dict[str, list] | None:
     path = result.get(EXAMPLES_KEY)
     if path is None:
         return None
-    rows = _read_rows(path)
+    if EXAMPLES_ROWS_KEY not in result:  # read once per loaded result, whatever the number of its columns
+        result[EXAMPLES_ROWS_KEY] = _read_rows(path)
+    rows = result[EXAMPLES_ROWS_KEY]
     if rows and "corpus" in rows[0]:
         corpus = column.corpus or rows[0]["corpus"]
         rows = [row for row in rows if row["corpus"] == corpus]
@@ -199,7 +202,7 @@ def _cell(result: dict[str, Any] | None, column: Column, reference_units: dict[s
     if units is None:
         return cell
     cell.interval = bootstrap_ci(units, column.statistic)
-    if reference_units is not None and reference_units is not units:
+    if reference_units is not None:
         if reference_units["id"] != units["id"]:
             raise DPrunerError(f"{result[EXAMPLES_KEY]}: its units differ from the reference row's "
                                f"({len(units['id'])} vs {len(reference_units['id'])}); evaluate both on the same data")

@@ -9,7 +9,9 @@ WikiText-2 perplexity; the dense model is evaluated once as the reference row.
 
 Writes to --out: results.csv (one row per point, rewritten after each), table.md (paper-style, % of dense),
 pareto.png (domain ppl and accuracy against sparsity, the Pareto front of high sparsity / low ppl circled),
-eval/<point>/<task>.json, reports/<point>.json (pruning reports), logs/<point>.log, recipes/<point>.json.
+eval/<point>/<task>.json, reports/<point>.json (pruning reports), logs/<point>.log, recipes/<point>.json;
+the lambda sweep adds each point's mask Jaccard against lambda = 0 (jaccard/<point>.json, a results.csv
+column) and tradeoff.png (domain ppl against general ppl, one point per lambda, with 95 % intervals).
 A rerun resumes: finished points are reused, and one recorded with other settings is an error (--fresh
 starts over; the lists of methods, sparsities and lambdas may change). Pruned models (540 MB each for the
 embedded model) are deleted after their evaluation unless --keep-models.
@@ -19,6 +21,9 @@ Examples:
       --sparsities 0.1,0.3,0.5,0.7 --scores outputs/legal/lomo/importance --out outputs/sweeps/legal-sparsity
   python code/sweep.py lambda smollm2-135m --domain legal --lambdas 0,0.01,0.1,1 --sparsity 0.5 \\
       --general-importance outputs/legal/general_importance --out outputs/sweeps/legal-lambda
+  python code/sweep.py lambda smollm2-135m --domain legal --split validation --lambdas 0,0.01,0.1,1,10 \\
+      --train-args "regularizer=anchor" --general-importance outputs/quickstart/general_importance \\
+      --out outputs/sweeps/legal-lambda-anchor   # + mask_jaccard_vs_lambda0 and tradeoff.png
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from dpruner.config import DOMAINS
 from dpruner.data.calibration import DEFAULT_NSAMPLES, DEFAULT_SEQLEN
 from dpruner.models import EMBEDDED_MODEL
 from dpruner.owl import PROFILES
-from dpruner.sweep import PLOT, RESULTS_CSV, SPARSITY_METHODS, EvalSettings, SweepConfig, parse_list, run_sweep
+from dpruner.sweep import (PLOT, RESULTS_CSV, SPARSITY_METHODS, SPLITS, EvalSettings, SweepConfig, parse_list,
+                           run_sweep)
 
 
 def build_parser():
@@ -48,6 +54,9 @@ def build_parser():
         sub.add_argument("model", help=f"local Hugging Face folder, hub id, or '{EMBEDDED_MODEL}' (the embedded model)")
         sub.add_argument("--domain", choices=DOMAINS, required=True, help="which domain's evaluations (and stage 2)")
         sub.add_argument("--out", required=True, help="sweep folder (resumed when rerun)")
+        sub.add_argument("--split", choices=SPLITS, default="test",
+                         help="test: the paper's metrics; validation: the domain's validation text, WikiText-2 "
+                              "validation and held-out C4 (choose hyperparameters here, never on test)")
     sparsity.add_argument("--methods", default="magnitude,wanda,sparsegpt,dpruner",
                           help=f"comma-separated prune_baseline.py methods: {', '.join(SPARSITY_METHODS)}")
     sparsity.add_argument("--sparsities", "--sparsity", default="0.1,0.3,0.5,0.7",
@@ -95,7 +104,7 @@ def to_config(args: Namespace) -> SweepConfig:
                               args.wiki_limit, args.wiki_seqlen)
     common = dict(kind=args.kind, model=model, domain=args.domain, out=cli.resolve_out(args.out),
                   sparsities=parse_list(args.sparsities, "--sparsities", number=True), evaluation=evaluation,
-                  batch_size=args.batch_size, keep_models=args.keep_models, fresh=args.fresh)
+                  batch_size=args.batch_size, keep_models=args.keep_models, fresh=args.fresh, split=args.split)
     if args.kind == "sparsity":
         return SweepConfig(**common, methods=parse_list(args.methods, "--methods"),
                            scores=cli.resolve_out(args.scores), nsamples=args.nsamples, seqlen=args.seqlen,

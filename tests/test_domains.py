@@ -109,6 +109,21 @@ def test_perplexity_text_shares_no_document_with_training_calibration_or_test(do
     assert domain_leaks(spec) == []
 
 
+@pytest.mark.parametrize("domain", shipped_domains())
+def test_validation_text_shares_no_document_with_any_other_text(domain):
+    spec = load_domain(domain)
+    assert spec.validation is not None
+    assert len(eval_sets.task_set(spec, "validation").items[0].text.split("\n\n")) == spec.validation.source.count
+    assert domain_leaks(spec, text="validation") == []
+
+
+def test_leak_guard_catches_a_validation_text_that_overlaps_the_test_text():
+    spec = load_domain("medical")
+    test_documents = eval_sets.medical_text().items[0].text.split("\n\n")
+    leaks = domain_leaks(spec, documents=test_documents[:3], text="validation")
+    assert {(leak.index, leak.against) for leak in leaks} == {(i, "test perplexity") for i in range(3)}
+
+
 def test_leak_guard_catches_a_leaked_set_exactly_and_after_whitespace_changes():
     spec = load_domain("medical")
     # The old default medical text: the abstracts of the PubMedQA rows stage 2 trains on.
@@ -139,6 +154,8 @@ BAD_SPECS = {
     "missing_field": (TEMPLATE, [{"q": "a?", "a": "b"}, {"q": "c?"}], "rows.jsonl:2: missing field(s) a"),
     "unknown_placeholder": ("    template: 'Q: {question} A: {a}'\n", None,
                             "field(s) question are not in the rows of"),
+    "reserved_task_name": (TEMPLATE + "tasks:\n  validation: {type: choice}\n", None,
+                           "task name 'validation' is reserved"),
 }
 
 

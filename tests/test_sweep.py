@@ -167,6 +167,52 @@ def test_lambda_sweep_runs_stage2_per_lambda_and_masks_per_sparsity(tmp_path):
     assert config.tasks() == ["medical_perplexity", "pubmedqa", "general_perplexity"]
 
 
+def test_validation_split_evaluates_only_validation_texts(tmp_path):
+    config = SweepConfig(kind="lambda", model="m", domain="legal", out=tmp_path, sparsities=[0.5], lambdas=[0.0, 1.0],
+                         general_importance=tmp_path / "gi", split="validation")
+    assert config.tasks() == ["legal_validation_perplexity", "general_validation_perplexity"]
+    domain_args = config.evaluation.task_args("legal_validation_perplexity")
+    assert domain_args[:4] == ["--domain", "legal", "--task", "validation"]
+    general = config.evaluation.task_args("general_validation_perplexity")
+    assert general[:3] == ["--datasets", "wikitext2_validation", "c4"]
+    assert [c.title for c in config.columns()] == ["Legal validation ppl", "WikiText-2 validation ppl",
+                                                   "C4 held-out ppl"]
+    point = config.points()[1]
+    assert config.recipe(point)["split"] == "validation"
+    assert "split" not in SweepConfig(kind="lambda", model="m", domain="legal", out=tmp_path, sparsities=[0.5],
+                                      lambdas=[0.0], general_importance=tmp_path).recipe(point)
+
+
+def test_lambda_jaccard_is_the_pooled_jaccard_of_the_stage3_masks(tmp_path):
+    from dpruner.masks import select
+    from dpruner.sweep import update_lambda_jaccards
+
+    config = SweepConfig(kind="lambda", model="m", domain="legal", out=tmp_path, sparsities=[0.5], lambdas=[0.0, 2.0],
+                         general_importance=tmp_path / "gi")
+    folders = {}
+    for seed, lam in ((3, 0.0), (4, 2.0)):
+        generator = torch.Generator().manual_seed(seed)
+        layers = [{name: torch.rand(linear.weight.shape, generator=generator)
+                   for name, linear in projection_modules(layer).items()} for layer in decoder_layers(make_tiny_llama())]
+        folders[lam] = layers
+        save_score_folder(config.stage2_dir(lam) / "importance", layers, kind="dual_importance", model="tiny",
+                          settings={})
+    update_lambda_jaccards(config, config.points())
+    assert not (tmp_path / "jaccard").exists(), "nothing before stage 2 is complete"
+    for lam in folders:
+        (config.stage2_dir(lam) / "trainer_state.json").write_text(json.dumps({"complete": True}))
+    update_lambda_jaccards(config, config.points())
+    shared = union = 0
+    for reference, other in zip(folders[0.0], folders[2.0]):
+        for name in reference:
+            a, b = select(reference[name], 0.5, scope="matrix"), select(other[name], 0.5, scope="matrix")
+            shared += int((a & b).sum())
+            union += int((a | b).sum())
+    written = json.loads((tmp_path / "jaccard" / "lambda2.0-s0.5.json").read_text())
+    assert written["jaccard"] == pytest.approx(shared / union, rel=1e-12)
+    assert json.loads((tmp_path / "jaccard" / "lambda0.0-s0.5.json").read_text())["jaccard"] == 1.0
+
+
 def test_pareto_front_keeps_points_no_sparser_point_beats():
     points = [(0.0, 10.0), (0.3, 12.0), (0.3, 11.0), (0.5, 11.5), (0.5, 30.0), (0.7, 40.0), (0.6, 50.0)]
     assert pareto_front(points) == [0, 2, 3, 5]

@@ -27,6 +27,7 @@ from typing import Any
 from tqdm import tqdm
 
 from dpruner import tables
+from dpruner.data.spec import VALIDATION, load_domain
 from dpruner.errors import DPrunerError
 from dpruner.export import REPORT_NAME
 from dpruner.io import ScoreSet, atomic_path, read_json, write_json
@@ -48,9 +49,16 @@ STATE_FILE = "trainer_state.json"  # stage 2's marker of a finished run
 # Per domain: (perplexity task, multiple-choice task); task name -> evaluation CLI.
 DOMAIN_TASKS = {"legal": ("legal_perplexity", "casehold"), "medical": ("medical_perplexity", "pubmedqa")}
 WIKITEXT_TASK = "general_perplexity"
+# --split validation: the domain's validation text, WikiText-2 validation and held-out C4 (issue 10: the
+# lambda is chosen there, never on test text).
+SPLITS = ("test", "validation")
+GENERAL_VALIDATION_TASK = tables.GENERAL_VALIDATION_TASK
 SCRIPTS = {"legal_perplexity": "legal_perplexity_evaluation.py", "casehold": "test_casehold.py",
            "medical_perplexity": "medical_perplexity_evaluation.py", "pubmedqa": "test_pubmedqa.py",
-           WIKITEXT_TASK: "general_perplexity_evaluation.py"}
+           WIKITEXT_TASK: "general_perplexity_evaluation.py", GENERAL_VALIDATION_TASK: "general_perplexity_evaluation.py",
+           **{f"{domain}_{VALIDATION}_perplexity": "domain_evaluation.py" for domain in DOMAIN_TASKS}}
+JACCARD_COLUMN = "mask_jaccard_vs_lambda0"  # lambda sweep: pooled Jaccard of pruned positions against lambda = 0
+TRADEOFF_PLOT = "tradeoff.png"
 STAGE2_CONFIGS = {"legal": "config/args_lomo.yaml", "medical": "config/args_lomo_medical.yaml"}
 # Stage-2 keys the lambda sweep sets itself; --train-args must leave them alone.
 STAGE2_RESERVED = ("model_name_or_path", "general_importance_dir", "output_dir", "regularizer_lambda")
@@ -76,10 +84,14 @@ class EvalSettings:
             raise DPrunerError(f"--ppl-stride {self.ppl_stride} must not exceed --ppl-max-length {self.ppl_max_length}")
 
     def task_args(self, task: str) -> list[str]:
-        if task == WIKITEXT_TASK:
-            return ["--datasets", "wikitext2", "--max-length", str(self.wiki_seqlen), "--limit", str(self.wiki_limit)]
+        general = {WIKITEXT_TASK: ["wikitext2"], GENERAL_VALIDATION_TASK: ["wikitext2_validation", "c4"]}
+        if task in general:
+            return ["--datasets", *general[task], "--max-length", str(self.wiki_seqlen), "--limit", str(self.wiki_limit)]
+        domain_args = []
+        if task.endswith(f"_{VALIDATION}_perplexity"):
+            domain_args = ["--domain", task.removesuffix(f"_{VALIDATION}_perplexity"), "--task", VALIDATION]
         if task.endswith("_perplexity"):
-            return ["--max-length", str(self.ppl_max_length), "--stride", str(self.ppl_stride),
+            return [*domain_args, "--max-length", str(self.ppl_max_length), "--stride", str(self.ppl_stride),
                     "--limit", str(self.ppl_limit)]
         return ["--limit", str(self.choice_limit)]
 
@@ -108,6 +120,7 @@ class SweepConfig:
     nsamples: int = 128
     seqlen: int = 2048
     sparsity_profile: str = "uniform"  # prune_baseline.py --sparsity-profile (owl: OWL block sparsities)
+    split: str = "test"  # which texts are evaluated (SPLITS)
     evaluation: EvalSettings = field(default_factory=EvalSettings)
     batch_size: int = 8
     keep_models: bool = False
@@ -120,6 +133,10 @@ class SweepConfig:
             raise DPrunerError(f"unknown sweep {self.kind!r}; expected one of {', '.join(KINDS)}")
         if self.domain not in DOMAIN_TASKS:
             raise DPrunerError(f"unknown domain {self.domain!r}; expected one of {', '.join(DOMAIN_TASKS)}")
+        if self.split not in SPLITS:
+            raise DPrunerError(f"--split {self.split!r} is not one of {', '.join(SPLITS)}")
+        if self.split == VALIDATION and load_domain(self.domain).validation is None:
+            raise DPrunerError(f"--split validation: domain {self.domain} declares no validation text")
         _check_list(self.sparsities, "--sparsities")
         for value in self.sparsities:
             if not 0.0 <= value < 1.0:
@@ -180,6 +197,8 @@ class SweepConfig:
         """Everything that determines a point's numbers (not how fast they come: batch size, launcher)."""
         recipe: dict[str, Any] = {"model": self.model, "domain": self.domain, "method": point.method,
                                   "evaluation": asdict(self.evaluation)}
+        if self.split != "test":  # absent for test, so folders written before --split existed still resume
+            recipe["split"] = self.split
         if point.method == DENSE:
             return recipe
         recipe["sparsity"] = point.sparsity
@@ -222,7 +241,12 @@ class SweepConfig:
         return [*command, "--calibration", "mix", "--domain", self.domain] if point.method == "mixcal" else command
 
     def tasks(self) -> list[str]:
+        if self.split == VALIDATION:
+            return [load_domain(self.domain).result_name(VALIDATION), GENERAL_VALIDATION_TASK]
         return [*DOMAIN_TASKS[self.domain], WIKITEXT_TASK]
+
+    def columns(self) -> list[tables.Column]:
+        return tables.validation_columns(self.domain) if self.split == VALIDATION else tables.domain_columns(self.domain)
 
     def result_path(self, point: Point, task: str) -> Path:
         """OUT/eval/<point>/<task>.json: the layout dpruner.tables and make_tables.py read."""
@@ -334,8 +358,7 @@ def _run(config: SweepConfig, label: str, step: str, command: list[str]) -> None
 def _stage2(config: SweepConfig, lam: float) -> None:
     """Stage 2 with this lambda, unless finished; its fine-tuned weights are dropped unless --keep-models."""
     folder = config.stage2_dir(lam)
-    state = folder / STATE_FILE
-    if state.is_file() and read_json(state).get("complete"):
+    if _stage2_complete(config, lam):
         return
     write_json(folder.with_suffix(".json"), config.stage2_recipe(lam))
     command = [*config.launcher, str(CODE_DIR / "src" / "train_lomo.py"),
@@ -380,6 +403,7 @@ def run_sweep(config: SweepConfig) -> list[dict[str, Any]]:
             tqdm.write(f"[skip] {point.label}: already evaluated")
         else:
             _run_point(config, point)
+        update_lambda_jaccards(config, points)
         rows = write_results(config, points)
     bar.close()
     return rows
@@ -391,11 +415,12 @@ def _key(title: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")
 
 
-def headline_columns(domain: str) -> tuple[tables.Column, tables.Column]:
-    """The plotted metrics: the first column of the domain's perplexity task and of its choice task."""
-    ppl_task, choice_task = DOMAIN_TASKS[domain]
-    columns = tables.COLUMNS[domain]
-    return (next(c for c in columns if c.task == ppl_task), next(c for c in columns if c.task == choice_task))
+def headline_columns(config: SweepConfig) -> tuple[tables.Column, tables.Column]:
+    """The plotted metrics: the domain perplexity, then the choice accuracy (test) or WikiText-2
+    validation perplexity (validation): the first column of each of the sweep's first two tasks."""
+    columns = config.columns()
+    first, second = config.tasks()[:2]
+    return next(c for c in columns if c.task == first), next(c for c in columns if c.task == second)
 
 
 def collect(config: SweepConfig, points: Sequence[Point]) -> tuple[list[dict[str, Any]], tables.Table | None]:
@@ -403,7 +428,8 @@ def collect(config: SweepConfig, points: Sequence[Point]) -> tuple[list[dict[str
     finished = [p for p in points if config.finished(p)]
     if not finished:
         return [], None
-    table = tables.build_table(tables.load_results(config.out / "eval"), config.domain, [p.label for p in finished])
+    table = tables.build_table(tables.load_results(config.out / "eval"), config.domain, [p.label for p in finished],
+                               columns=config.columns())
     rows = []
     for point, (label, cells, sparsity) in zip(finished, table.rows):
         row: dict[str, Any] = {"sweep": config.kind, "label": label, "method": point.method,
@@ -415,6 +441,9 @@ def collect(config: SweepConfig, points: Sequence[Point]) -> tuple[list[dict[str
             row[_key(column.title)] = cell.value
             row[_key(column.title) + "_ci95_low"] = cell.interval.low if cell.interval else None
             row[_key(column.title) + "_ci95_high"] = cell.interval.high if cell.interval else None
+        if config.kind == "lambda":
+            jaccard = _jaccard_path(config, point)
+            row[JACCARD_COLUMN] = read_json(jaccard)["jaccard"] if jaccard.is_file() else None
         rows.append(row)
     return rows, table
 
@@ -432,7 +461,10 @@ def write_results(config: SweepConfig, points: Sequence[Point]) -> list[dict[str
     with atomic_path(config.out / TABLE_MD) as tmp:
         tmp.write_text(tables.to_markdown(table))
     with atomic_path(config.out / PLOT) as tmp:
-        plot(rows, tmp, config.domain, config.kind)
+        plot(rows, tmp, config)
+    if config.kind == "lambda":
+        with atomic_path(config.out / TRADEOFF_PLOT) as tmp:
+            plot_tradeoff(rows, tmp, config)
     return rows
 
 
@@ -448,15 +480,21 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
-def plot(rows: Sequence[dict[str, Any]], path: Path, domain: str, kind: str) -> None:
-    """Domain ppl (log) and accuracy against sparsity, one line per method / lambda, dense dashed, and
-    the Pareto front of (high sparsity, low ppl) circled."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ppl_column, acc_column = headline_columns(domain)
+    return plt
+
+
+def plot(rows: Sequence[dict[str, Any]], path: Path, config: SweepConfig) -> None:
+    """Domain ppl (log) and accuracy (or general ppl) against sparsity, one line per method / lambda,
+    dense dashed, and the Pareto front of (high sparsity, low ppl) circled."""
+    plt = _pyplot()
+    domain, kind = config.domain, config.kind
+    ppl_column, acc_column = headline_columns(config)
     ppl_key, acc_key = _key(ppl_column.title), _key(acc_column.title)
     dense = next((r for r in rows if r["method"] == DENSE), None)
     pruned = [r for r in rows if r["method"] != DENSE]
@@ -480,7 +518,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, domain: str, kind: str) -> 
                 marker="o", markersize=11, markerfacecolor="none", label="Pareto front")
     ax_ppl.set_yscale("log")
     ax_ppl.set_title(f"{ppl_column.title} (lower is better)")
-    ax_acc.set_title(f"{acc_column.title} (higher is better)")
+    ax_acc.set_title(f"{acc_column.title} ({'lower' if acc_column.lower_is_better else 'higher'} is better)")
     ax_ppl.legend(fontsize=8)
     fig.suptitle(f"{domain}: {kind} sweep")
     fig.tight_layout()
@@ -490,3 +528,76 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, domain: str, kind: str) -> 
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def plot_tradeoff(rows: Sequence[dict[str, Any]], path: Path, config: SweepConfig) -> None:
+    """The lambda sweep's generality / specificity trade-off: domain ppl against general ppl, one point
+    per (lambda, sparsity) with its 95 % intervals as error bars, and the mask Jaccard against lambda = 0."""
+    plt = _pyplot()
+    domain_column, _ = headline_columns(config)
+    general_column = next(c for c in config.columns() if c.task in (WIKITEXT_TASK, GENERAL_VALIDATION_TASK))
+    x_key, y_key = _key(general_column.title), _key(domain_column.title)
+    fig, (ax, ax_jaccard) = plt.subplots(1, 2, figsize=(11, 4.5))
+    pruned = [r for r in rows if r["method"] != DENSE and _finite(r[x_key]) and _finite(r[y_key])]
+    for index, sparsity in enumerate(sorted({r["sparsity"] for r in pruned})):
+        members = sorted((r for r in pruned if r["sparsity"] == sparsity), key=lambda r: r["lambda"])
+        xs, ys = [r[x_key] for r in members], [r[y_key] for r in members]
+        xerr = [[x - (r[x_key + "_ci95_low"] or x) for x, r in zip(xs, members)],
+                [(r[x_key + "_ci95_high"] or x) - x for x, r in zip(xs, members)]]
+        yerr = [[y - (r[y_key + "_ci95_low"] or y) for y, r in zip(ys, members)],
+                [(r[y_key + "_ci95_high"] or y) - y for y, r in zip(ys, members)]]
+        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", color=f"C{index % 10}", capsize=3,
+                    label=f"sparsity {sparsity:g}")
+        for x, y, row in zip(xs, ys, members):
+            ax.annotate(f"λ={row['lambda']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        with_jaccard = [r for r in members if _finite(r.get(JACCARD_COLUMN))]
+        ax_jaccard.plot([r["lambda"] for r in with_jaccard], [r[JACCARD_COLUMN] for r in with_jaccard], marker="o",
+                        color=f"C{index % 10}", label=f"sparsity {sparsity:g}")
+    dense = next((r for r in rows if r["method"] == DENSE), None)
+    if dense is not None and _finite(dense[x_key]) and _finite(dense[y_key]):
+        ax.plot([dense[x_key]], [dense[y_key]], marker="*", markersize=12, color="grey", linestyle="", label="dense")
+    ax.set(xlabel=f"{general_column.title} (lower = more general ability kept)",
+           ylabel=f"{domain_column.title} (lower = more domain ability kept)")
+    ax.set_title("trade-off (95 % intervals)")
+    ax_jaccard.set_xscale("symlog", linthresh=min((r["lambda"] for r in pruned if r["lambda"]), default=1.0))
+    ax_jaccard.set(xlabel="λ", ylabel="Jaccard of pruned weights vs λ = 0", title="how much λ changes the mask")
+    for axis in (ax, ax_jaccard):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.suptitle(f"{config.domain}: lambda sweep on {config.split} text")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+# ---------- how far lambda moves the mask ----------
+def _jaccard_path(config: SweepConfig, point: Point) -> Path:
+    return config.out / "jaccard" / f"{point.label}.json"
+
+
+def _stage2_complete(config: SweepConfig, lam: float) -> bool:
+    state = config.stage2_dir(lam) / STATE_FILE
+    return state.is_file() and bool(read_json(state).get("complete"))
+
+
+def update_lambda_jaccards(config: SweepConfig, points: Sequence[Point]) -> None:
+    """For every lambda point whose stage 2 and lambda = 0's are complete: the pooled Jaccard of its pruned
+    positions against lambda = 0's at the same sparsity, from the two score folders (the masks
+    save_model.py derives, one layer at a time), written once to OUT/jaccard/<point>.json."""
+    if config.kind != "lambda" or 0.0 not in config.lambdas or not _stage2_complete(config, 0.0):
+        return
+    from dpruner.analysis import ALL, MaskOptions, ScoreMasks, count_masks, jaccard_rows
+
+    for point in points:
+        path = _jaccard_path(config, point)
+        if point.lam is None or path.is_file() or not _stage2_complete(config, point.lam):
+            continue
+        options = MaskOptions(sparsity=point.sparsity, scope="matrix")  # save_model.py's per-matrix masks
+        sources = [ScoreMasks(_lambda_name(lam), config.stage2_dir(lam) / "importance", options)
+                   for lam in dict.fromkeys((0.0, point.lam))]
+        if len(sources) == 1:  # lambda = 0 itself
+            write_json(path, {"lambda": 0.0, "sparsity": point.sparsity, "against": 0.0, "jaccard": 1.0})
+            continue
+        pooled = next(r for r in jaccard_rows(count_masks(sources)) if r["layer"] == ALL and r["module"] == ALL)
+        write_json(path, {"lambda": point.lam, "sparsity": point.sparsity, "against": 0.0,
+                          "jaccard": pooled["jaccard"], "random_jaccard": pooled["random_jaccard"]})

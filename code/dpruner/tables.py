@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpruner.data.spec import PERPLEXITY, load_domain
+from dpruner.data.spec import PERPLEXITY, VALIDATION, load_domain
 from dpruner.errors import DPrunerError
 from dpruner.io import read_json
 from dpruner.stats import (Interval, PairedDifference, Statistic, bootstrap_ci, exp_mean_of, exp_weighted_mean,
@@ -61,6 +61,7 @@ def _rouge_columns(prefix: str, task: str) -> list[Column]:
 
 
 WIKITEXT = _ppl_column("WikiText-2 ppl", "general_perplexity", "wikitext2")
+GENERAL_VALIDATION_TASK = "general_validation_perplexity"  # WikiText-2 validation + held-out C4, one result
 COLUMNS: dict[str, list[Column]] = {
     "legal": [
         _ppl_column("Legal ppl", "legal_perplexity", "multilegalpile"),
@@ -99,6 +100,17 @@ def domain_columns(domain: str) -> list[Column]:
             (("R-1", "rouge1"), ("R-2", "rouge2"), ("R-L", "rougeL"))
         columns += [_metric_column(f"{task.title} {short}", name, key) for short, key in metrics]
     return [*columns, WIKITEXT]
+
+
+def validation_columns(domain: str) -> list[Column]:
+    """The validation texts hyperparameters are chosen on (never reported as test numbers): the domain's
+    validation perplexity text, WikiText-2 validation and the held-out C4 documents."""
+    spec = load_domain(domain)
+    if spec.validation is None:
+        raise DPrunerError(f"domain {spec.name} ({spec.path}) declares no validation text")
+    return [_ppl_column(spec.validation.title, spec.result_name(VALIDATION), None),
+            _ppl_column("WikiText-2 validation ppl", GENERAL_VALIDATION_TASK, "wikitext2_validation"),
+            _ppl_column("C4 held-out ppl", GENERAL_VALIDATION_TASK, "c4")]
 
 
 # Display names of the row labels the scripts use; unknown labels are shown as they are.
@@ -216,10 +228,12 @@ def _default_order(results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
 
 
 def build_table(results: dict[str, dict[str, dict[str, Any]]], domain: str,
-                labels: Sequence[str] | None = None, reference: str | None = DEFAULT_REFERENCE) -> Table:
+                labels: Sequence[str] | None = None, reference: str | None = DEFAULT_REFERENCE,
+                columns: Sequence[Column] | None = None) -> Table:
     """The table for `labels` (default: every non-seed row, dense first). `reference` (when it is a
-    row) is the method every other row is paired against. `domain`: a shipped name or a spec YAML."""
-    layout = domain_columns(domain)
+    row) is the method every other row is paired against. `domain`: a shipped name or a spec YAML;
+    `columns` replaces its layout (the sweep's validation columns)."""
+    layout = list(columns) if columns is not None else domain_columns(domain)
     order = list(labels) if labels else [l for l in _default_order(results) if SEED_SEPARATOR not in l]
     missing = [label for label in order if label not in results]
     if missing:

@@ -18,7 +18,7 @@ from typing import Any
 
 from dpruner.data.calibration import C4_HELDOUT_FILES
 from dpruner.data.files import as_list, data_file, describe, read_jsonl, read_jsonl_numbered
-from dpruner.data.spec import PERPLEXITY, DomainSpec, Perplexity, Source, Task, load_domain
+from dpruner.data.spec import PERPLEXITY, VALIDATION, DomainSpec, Perplexity, Source, Task, load_domain
 from dpruner.errors import DPrunerError
 from dpruner.validate import read_text_utf8
 
@@ -154,11 +154,12 @@ def perplexity_set(perplexity: Perplexity, data_dir: str | None = None, limit: i
 
 def task_set(spec: DomainSpec, task: str, data_dir: str | None = None, limit: int | None = None,
              file: str | None = None) -> EvalSet:
-    """Evaluation set `task` of a domain: `perplexity` or one of its `tasks`."""
-    if task == PERPLEXITY:
-        if spec.perplexity is None:
-            raise DPrunerError(f"domain {spec.name} ({spec.path}) declares no perplexity text")
-        return perplexity_set(spec.perplexity, data_dir, limit)
+    """Evaluation set `task` of a domain: `perplexity`, `validation` or one of its `tasks`."""
+    if task in (PERPLEXITY, VALIDATION):
+        text = spec.perplexity_text(task)
+        if text is None:
+            raise DPrunerError(f"domain {spec.name} ({spec.path}) declares no {task} perplexity text")
+        return perplexity_set(text, data_dir, limit)
     if task not in spec.tasks:
         raise DPrunerError(f"domain {spec.name} has no task {task!r}; expected one of {', '.join(spec.task_names())}")
     loader = choice_set if spec.tasks[task].type == "choice" else generation_set

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from dpruner.data.domain import calibration_texts, training_texts
 from dpruner.data.eval_sets import ChoiceExample, perplexity_documents, task_set
-from dpruner.data.spec import DomainSpec
+from dpruner.data.spec import PERPLEXITY, VALIDATION, DomainSpec
 
 # Separates the strings of a stream so that a match cannot span two of them.
 SEPARATOR = "\x00"
@@ -65,13 +65,17 @@ def _test_strings(spec: DomainSpec, data_dir: str | os.PathLike | None) -> Itera
 
 
 def domain_leaks(spec: DomainSpec, data_dir: str | os.PathLike | None = None,
-                 documents: Sequence[str] | None = None) -> list[Leak]:
-    """Shared documents between `spec`'s perplexity text (or `documents`) and its training, calibration
-    and test text, all read through the same loaders as the pipeline."""
+                 documents: Sequence[str] | None = None, text: str = PERPLEXITY) -> list[Leak]:
+    """Shared documents between `spec`'s perplexity text `text` (`perplexity` or `validation`; or
+    `documents`) and its training, calibration and test text, all read through the same loaders as the
+    pipeline. The validation text is also checked against the test perplexity text."""
     if documents is None:
-        if spec.perplexity is None:
+        declared = spec.perplexity_text(text)
+        if declared is None:
             return []
-        documents = perplexity_documents(spec.perplexity, data_dir)
+        documents = perplexity_documents(declared, data_dir)
     sets = [("training", training_texts(spec, data_dir, quiet=True)),
             ("calibration", calibration_texts(spec, data_dir)), *_test_strings(spec, data_dir)]
+    if text == VALIDATION and spec.perplexity is not None:
+        sets.append(("test perplexity", perplexity_documents(spec.perplexity, data_dir)))
     return [leak for against, strings in sets for leak in shared_documents(documents, strings, against)]

@@ -33,6 +33,9 @@ TASK_TYPES = ("choice", "generation")
 PATH_VARIABLES = {"stdlib": sysconfig.get_paths()["stdlib"]}
 # The task name of a domain's perplexity text (its other tasks are named in the spec).
 PERPLEXITY = "perplexity"
+# The task name of its validation perplexity text: held out of training, calibration and test, for
+# choosing hyperparameters (issue 10: never on test text).
+VALIDATION = "validation"
 
 
 def shipped_domains() -> tuple[str, ...]:
@@ -330,6 +333,11 @@ class DomainSpec:
     perplexity: Perplexity | None
     tasks: Mapping[str, Task] = field(default_factory=dict)
     calibration: tuple[TrainingSource, ...] | None = None
+    validation: Perplexity | None = None
+
+    def perplexity_text(self, task: str) -> Perplexity | None:
+        """The test (`perplexity`) or validation (`validation`) perplexity text; None when not declared."""
+        return {PERPLEXITY: self.perplexity, VALIDATION: self.validation}.get(task)
 
     def task_names(self, available_only: bool = False) -> tuple[str, ...]:
         """`perplexity` (when declared) and the tasks; `available_only` leaves out tasks whose file the
@@ -340,6 +348,8 @@ class DomainSpec:
     def result_name(self, task: str) -> str:
         """Result file name of a task: `<domain>_perplexity` for the perplexity text (legal_perplexity, as
         the original's script is named), else the task's name (casehold)."""
+        if task == VALIDATION:
+            return f"{self.name}_{VALIDATION}_{PERPLEXITY}"
         return f"{self.name}_{PERPLEXITY}" if task == PERPLEXITY else task
 
 
@@ -443,7 +453,7 @@ def load_domain(name_or_path: str | os.PathLike) -> DomainSpec:
         line = f":{mark.line + 1}" if mark else ""
         raise DPrunerError(f"{path}{line}: invalid YAML ({getattr(err, 'problem', err)})") from None
     raw = _check_keys(raw, str(path), ("name", "training"),
-                      ("description", "seed", "shuffle", "calibration", "perplexity", "tasks"))
+                      ("description", "seed", "shuffle", "calibration", "perplexity", "validation", "tasks"))
     base, where = path.parent, str(path)
     tasks_raw = raw.get("tasks") or {}
     if not isinstance(tasks_raw, dict):
@@ -451,6 +461,8 @@ def load_domain(name_or_path: str | os.PathLike) -> DomainSpec:
     for name in tasks_raw:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
             raise DPrunerError(f"{where}: task name {name!r} must be letters, digits, _ . - (it names result files)")
+        if name in (PERPLEXITY, VALIDATION):
+            raise DPrunerError(f"{where}: task name {name!r} is reserved for the domain's perplexity texts")
     calibration = raw.get("calibration")
     return DomainSpec(
         name=str(raw["name"]), path=path,
@@ -458,4 +470,5 @@ def load_domain(name_or_path: str | os.PathLike) -> DomainSpec:
         seed=_typed(raw, "seed", int, where, 0), shuffle=_typed(raw, "shuffle", bool, where, True),
         perplexity=_perplexity(raw["perplexity"], f"{where}: perplexity", base) if raw.get("perplexity") else None,
         tasks={str(n): _task(str(n), t, f"{where}: tasks.{n}", base) for n, t in tasks_raw.items()},
-        calibration=None if calibration is None else _training_sources(calibration, f"{where}: calibration", base))
+        calibration=None if calibration is None else _training_sources(calibration, f"{where}: calibration", base),
+        validation=_perplexity(raw["validation"], f"{where}: validation", base) if raw.get("validation") else None)

@@ -22,9 +22,8 @@ from torch import nn
 
 from dpruner import cli
 from dpruner.checkpoint import PICKLE_SUFFIXES, pickle_refusal
-from dpruner.data.eval_sets import EvalSet
-from dpruner.data.eval_sets import PERPLEXITY, EvalSet, task_set
-from dpruner.data.spec import DomainSpec, load_domain
+from dpruner.data.eval_sets import EvalSet, task_set
+from dpruner.data.spec import VALIDATION, DomainSpec, load_domain
 from dpruner.errors import DPrunerError
 from dpruner.evaluation.choice import score_choices
 from dpruner.evaluation.generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SEED, DecodingSettings, generate_first_lines
@@ -67,14 +66,14 @@ def spec_task(domain: str | DomainSpec, task: str, batch_size: int,
     its data, row count, and for perplexity its window and stride. `load` replaces the spec's loader
     (medical perplexity with --text-file); a positional `file` argument replaces the task's file."""
     spec = domain if isinstance(domain, DomainSpec) else load_domain(domain)
-    if task not in spec.task_names():
-        raise DPrunerError(f"domain {spec.name} ({spec.path}) has no task {task!r}; expected one of "
-                           f"{', '.join(spec.task_names())}")
+    text = spec.perplexity_text(task)
+    if task not in spec.task_names() and text is None:
+        known = [*spec.task_names(), *([VALIDATION] if spec.validation else [])]
+        raise DPrunerError(f"domain {spec.name} ({spec.path}) has no task {task!r}; expected one of {', '.join(known)}")
     load = load or (lambda args: task_set(spec, task, args.data_dir, args.limit, getattr(args, "file", None)))
-    if task == PERPLEXITY:
-        return Task(spec.result_name(task), "perplexity", load, limit=spec.perplexity.source.count,
-                    batch_size=batch_size, max_length=spec.perplexity.window, stride=spec.perplexity.stride,
-                    add_arguments=add_arguments)
+    if text is not None:
+        return Task(spec.result_name(task), "perplexity", load, limit=text.source.count, batch_size=batch_size,
+                    max_length=text.window, stride=text.stride, add_arguments=add_arguments)
     definition = spec.tasks[task]
     return Task(spec.result_name(task), FAMILY_OF_TYPE[definition.type], load, limit=definition.source.count,
                 batch_size=batch_size, add_arguments=add_arguments)

@@ -3,8 +3,9 @@
 
 Reads STAGE2_OUTPUT/config.yaml (its `domains`, their counts, `seed`, `domain_eval_examples`), rebuilds
 the same held-out split, and scores BASE (dense) and PRUNED on every domain: relative perplexity =
-exp(pruned loss - dense loss). Reports every domain, the worst domain and the mean over domains, so that
-`constant` and `dro` runs can be compared "at equal average" (scripts/domains_dro.sh).
+exp(pruned loss - dense loss). Reports every domain, the worst domain and the mean over domains, each with a 95 % bootstrap interval
+over the held-out examples (stratified by domain), and keeps the per-example losses so that `constant`
+and `dro` runs can be compared pairwise "at equal average" (scripts/domains_dro.sh).
 
 Example: python code/domain_perplexity.py smollm2-135m outputs/domains/dro/models/pruned outputs/domains/dro
 """
@@ -41,16 +42,17 @@ def main(argv=None) -> int:
     if not config.domains or not config.domain_eval_examples:
         raise DPrunerError(f"{config_path}: needs `domains` and domain_eval_examples > 0 (the held-out examples)")
     cli.quiet_libraries()
+    from dpruner.evaluation.relative_perplexity import example_losses, summarize
     from dpruner.io import write_json
     from dpruner.loss import causal_lm_loss
-    from dpruner.mixing import held_out_loss, split_domain, worst_and_mean
+    from dpruner.mixing import split_domain, worst_and_mean
     from dpruner.models import load_model, load_tokenizer
     from dpruner.trainer import TokenizedTexts, collate
 
     tokenizer = load_tokenizer(args.base_model)
     held = {name: TokenizedTexts(tokenizer, split_domain(config, name)[1], config.data_max_length)
             for name in config.domains}
-    losses = {}
+    per_example = {}
     for role, name in (("dense", args.base_model), ("pruned", args.pruned_model)):
         model = load_model(name, dtype=args.dtype, device=args.device)
         device = next(model.parameters()).device
@@ -58,17 +60,21 @@ def main(argv=None) -> int:
         def loss_fn(batch):
             return causal_lm_loss(model, {k: v.to(device) for k, v in batch.items()}, None)
 
-        losses[role] = {domain: held_out_loss(loss_fn, data, lambda b: collate(b, tokenizer.pad_token_id),
-                                              config.per_device_train_batch_size) for domain, data in held.items()}
+        per_example[role] = {domain: example_losses(loss_fn, data, lambda b: collate(b, tokenizer.pad_token_id))
+                             for domain, data in held.items()}
         del model
-    domains = {name: {"held_out_examples": len(held[name]), "dense_loss": losses["dense"][name],
-                      "pruned_loss": losses["pruned"][name], "dense_perplexity": math.exp(losses["dense"][name]),
-                      "perplexity": math.exp(losses["pruned"][name]),
-                      "relative_perplexity": math.exp(losses["pruned"][name] - losses["dense"][name])}
-               for name in config.domains}
+    domains = {}
+    for name in config.domains:
+        examples = [{"dense_nll": dense["nll"], "pruned_nll": pruned["nll"], "tokens": dense["tokens"]}
+                    for dense, pruned in zip(per_example["dense"][name], per_example["pruned"][name])]
+        tokens = sum(e["tokens"] for e in examples)
+        dense_loss, pruned_loss = (sum(e[key] for e in examples) / tokens for key in ("dense_nll", "pruned_nll"))
+        domains[name] = {"held_out_examples": len(examples), "dense_loss": dense_loss, "pruned_loss": pruned_loss,
+                         "dense_perplexity": math.exp(dense_loss), "perplexity": math.exp(pruned_loss),
+                         "relative_perplexity": math.exp(pruned_loss - dense_loss), "examples": examples}
     result = {"base_model": args.base_model, "pruned_model": args.pruned_model, "stage2_output": args.stage2_output,
               "domain_mixing": config.domain_mixing, "domains": domains, **worst_and_mean(domains),
-              "command": " ".join(sys.argv)}
+              "intervals": summarize(domains), "command": " ".join(sys.argv)}
     out = cli.resolve_out(args.out) or Path(args.pruned_model) / "domain_perplexity.json"
     write_json(out, result)
     shown = ", ".join(f"{name} {entry['relative_perplexity']:.4f}" for name, entry in domains.items())

@@ -31,14 +31,9 @@ done
 "$PY" - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
+from dpruner.evaluation.relative_perplexity import comparison_markdown
 out = Path(sys.argv[1])
 runs = {m: json.loads((out / m / "domain_perplexity.json").read_text()) for m in ("constant", "dro")}
-names = list(runs["constant"]["domains"])
-print("| mixing | " + " | ".join(f"{n} rel. ppl" for n in names) + " | worst domain | mean |")
-print("|---|" + "---|" * (len(names) + 2))
-for mixing, run in runs.items():
-    cells = " | ".join(f"{run['domains'][n]['relative_perplexity']:.4f}" for n in names)
-    worst = run["worst_domain"]
-    print(f"| {mixing} | {cells} | {worst['name']} {worst['relative_perplexity']:.4f} | {run['mean_relative_perplexity']:.4f} |")
+print(comparison_markdown(runs, reference="constant"))
 print(f"proportions: {out}/dro/domain_proportions.csv, plot {out}/dro/domain_proportions.png")
 PY

@@ -129,4 +129,7 @@ def test_domain_perplexity_of_the_dense_model_is_one_everywhere(stage2_inputs, t
     result = json.loads((tmp_path / "ppl.json").read_text())
     assert set(result["domains"]) == {"legal", "medical"}
     assert all(entry["relative_perplexity"] == 1.0 for entry in result["domains"].values())
+    intervals = result["intervals"]
+    assert all(entry["ci95_low"] == entry["value"] == entry["ci95_high"] == 1.0
+               for entry in intervals["relative_perplexity"].values())
     assert all(entry["held_out_examples"] == 2 for entry in result["domains"].values())

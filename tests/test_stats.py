@@ -54,6 +54,46 @@ def test_paired_bootstrap_tells_a_shift_from_noise():
     assert bootstrap_ci({"x": base}, mean_of("x")).high - bootstrap_ci({"x": base}, mean_of("x")).low > 0.2
 
 
+def test_stratified_bootstrap_keeps_every_group_size_and_reduces_to_the_plain_one():
+    from dpruner.stats import _resample_indices
+
+    strata = np.array([0] * 5 + [1] * 3 + [2] * 4)
+    index = _resample_indices(len(strata), 200, 7, strata)
+    assert all(np.bincount(strata[row], minlength=3).tolist() == [5, 3, 4] for row in index)
+    assert np.array_equal(_resample_indices(12, 50, 7, np.zeros(12)), _resample_indices(12, 50, 7))
+    with pytest.raises(DPrunerError, match="at least 2 units per group"):
+        _resample_indices(3, 10, 0, [0, 0, 1])
+
+
+def test_relative_perplexity_statistics_against_a_direct_computation():
+    from dpruner.evaluation.relative_perplexity import compare, summarize
+
+    rng = np.random.default_rng(4)
+
+    def run(shift):
+        return {name: {"examples": [{"dense_nll": float(d), "pruned_nll": float(d + shift + rng.normal(0, 0.5)),
+                                     "tokens": 10} for d in rng.uniform(20, 30, size=12)]}
+                for name in ("a", "b")}
+    reference = run(1.0)
+    summary = summarize(reference)
+    for name, entry in reference.items():
+        gap = sum(e["pruned_nll"] - e["dense_nll"] for e in entry["examples"]) / 120
+        assert summary["relative_perplexity"][name]["value"] == pytest.approx(math.exp(gap), rel=1e-12)
+    values = [summary["relative_perplexity"][n]["value"] for n in reference]
+    assert summary["worst_domain"]["value"] == pytest.approx(max(values))
+    assert summary["mean_relative_perplexity"]["value"] == pytest.approx(sum(values) / 2)
+    same = compare(reference, reference)
+    assert same["worst_domain"]["difference"] == 0 and not same["worst_domain"]["significant"]
+    better = {n: {"examples": [{**e, "pruned_nll": e["pruned_nll"] - 5.0} for e in entry["examples"]]}
+              for n, entry in reference.items()}
+    assert compare(reference, better)["worst_domain"]["significant"]
+    assert compare(reference, better)["worst_domain"]["difference"] < 0
+    other = {n: {"examples": [{**e, "dense_nll": e["dense_nll"] + 1} for e in entry["examples"]]}
+             for n, entry in reference.items()}
+    with pytest.raises(DPrunerError, match="same held-out examples"):
+        compare(reference, other)
+
+
 def test_paired_bootstrap_needs_the_same_units():
     with pytest.raises(DPrunerError, match="same units"):
         paired_bootstrap({"x": [1.0, 2.0, 3.0]}, {"x": [1.0, 2.0]}, mean_of("x"))

@@ -55,10 +55,24 @@ def macro_f1_of(label: str, prediction: str) -> Statistic:
     return statistic
 
 
-def _resample_indices(n: int, samples: int, seed: int) -> np.ndarray:
+def _resample_indices(n: int, samples: int, seed: int, strata: Sequence | None = None) -> np.ndarray:
+    """[samples, n] unit indices drawn with replacement; with `strata` (a group per unit) each group is
+    resampled within itself, so every resample keeps each group's size (e.g. per-domain held-out sets)."""
     if n < 2:
         raise DPrunerError(f"a bootstrap needs at least 2 units, got {n}")
-    return np.random.default_rng(seed).integers(0, n, size=(samples, n))
+    rng = np.random.default_rng(seed)
+    if strata is None:
+        return rng.integers(0, n, size=(samples, n))
+    groups = np.asarray(strata)
+    if len(groups) != n:
+        raise DPrunerError(f"strata has {len(groups)} entries for {n} units")
+    index = np.empty((samples, n), dtype=np.int64)
+    for group in np.unique(groups):
+        members = np.flatnonzero(groups == group)
+        if len(members) < 2:
+            raise DPrunerError(f"a stratified bootstrap needs at least 2 units per group; {group!r} has 1")
+        index[:, members] = members[rng.integers(0, len(members), size=(samples, len(members)))]
+    return index
 
 
 def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
@@ -92,17 +106,18 @@ class PairedDifference:
 
 
 def bootstrap_ci(units: dict[str, Sequence], statistic: Statistic, *, samples: int = BOOTSTRAP_SAMPLES,
-                 seed: int = BOOTSTRAP_SEED, level: float = CONFIDENCE) -> Interval:
-    """Percentile bootstrap interval of `statistic` over the units (rows of equally long columns)."""
+                 seed: int = BOOTSTRAP_SEED, level: float = CONFIDENCE, strata: Sequence | None = None) -> Interval:
+    """Percentile bootstrap interval of `statistic` over the units (rows of equally long columns);
+    `strata`: resample within each group (see `_resample_indices`)."""
     columns = {key: np.asarray(values) for key, values in units.items()}
     n = len(next(iter(columns.values())))
-    draws = np.array([statistic(_take(columns, index)) for index in _resample_indices(n, samples, seed)])
+    draws = np.array([statistic(_take(columns, index)) for index in _resample_indices(n, samples, seed, strata)])
     return Interval(statistic(columns), *_interval(draws, level))
 
 
 def paired_bootstrap(reference: dict[str, Sequence], candidate: dict[str, Sequence], statistic: Statistic, *,
                      samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED,
-                     level: float = CONFIDENCE) -> PairedDifference:
+                     level: float = CONFIDENCE, strata: Sequence | None = None) -> PairedDifference:
     """Bootstrap of statistic(candidate) - statistic(reference), both resampled with the same indices."""
     ref = {key: np.asarray(values) for key, values in reference.items()}
     cand = {key: np.asarray(values) for key, values in candidate.items()}
@@ -111,7 +126,7 @@ def paired_bootstrap(reference: dict[str, Sequence], candidate: dict[str, Sequen
         raise DPrunerError(f"paired bootstrap needs the same units for both models, got {n} and "
                            f"{len(next(iter(cand.values())))}")
     draws = np.array([statistic(_take(cand, index)) - statistic(_take(ref, index))
-                      for index in _resample_indices(n, samples, seed)])
+                      for index in _resample_indices(n, samples, seed, strata)])
     difference = statistic(cand) - statistic(ref)
     low, high = _interval(draws, level)
     other_side = np.mean(draws <= 0) if difference > 0 else np.mean(draws >= 0)

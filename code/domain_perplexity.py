@@ -45,13 +45,13 @@ def main(argv=None) -> int:
     from dpruner.evaluation.relative_perplexity import example_losses, summarize
     from dpruner.io import write_json
     from dpruner.loss import causal_lm_loss
-    from dpruner.mixing import split_domain, worst_and_mean
+    from dpruner.mixing import domain_labels, split_domain, worst_and_mean
     from dpruner.models import load_model, load_tokenizer
     from dpruner.trainer import TokenizedTexts, collate
 
     tokenizer = load_tokenizer(args.base_model)
-    held = {name: TokenizedTexts(tokenizer, split_domain(config, name)[1], config.data_max_length)
-            for name in config.domains}
+    held = {label: TokenizedTexts(tokenizer, split_domain(config, entry)[1], config.data_max_length)
+            for label, entry in zip(domain_labels(config.domains), config.domains)}
     per_example = {}
     for role, name in (("dense", args.base_model), ("pruned", args.pruned_model)):
         model = load_model(name, dtype=args.dtype, device=args.device)
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
                              for domain, data in held.items()}
         del model
     domains = {}
-    for name in config.domains:
+    for name in held:
         examples = [{"dense_nll": dense["nll"], "pruned_nll": pruned["nll"], "tokens": dense["tokens"]}
                     for dense, pruned in zip(per_example["dense"][name], per_example["pruned"][name])]
         tokens = sum(e["tokens"] for e in examples)

@@ -133,3 +133,12 @@ def test_domain_perplexity_of_the_dense_model_is_one_everywhere(stage2_inputs, t
     assert all(entry["ci95_low"] == entry["value"] == entry["ci95_high"] == 1.0
                for entry in intervals["relative_perplexity"].values())
     assert all(entry["held_out_examples"] == 2 for entry in result["domains"].values())
+
+
+def test_domains_given_as_yaml_paths_are_shown_by_their_spec_name():
+    from dpruner.mixing import domain_labels
+
+    python_code = str(REPO / "examples" / "domains" / "python-code.yaml")
+    assert domain_labels(["legal", python_code, "medical"]) == ["legal", "python-code", "medical"]
+    with pytest.raises(DPrunerError, match="name the same domain twice"):
+        domain_labels(["legal", str(REPO / "config" / "domains" / "legal.yaml")])

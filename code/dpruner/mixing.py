@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
 
 from dpruner.data.domain import domain_texts
+from dpruner.data.spec import load_domain
 from dpruner.dro import DroSettings, DroState, LossEma
 from dpruner.errors import DPrunerError
 from dpruner.io import atomic_path
@@ -39,6 +40,15 @@ DRAW_SEED_STRIDE = 1_000_003
 def domain_training_texts(config, name: str) -> list[str]:
     """Domain name -> its training strings (the single place to re-point at the YAML domain loader)."""
     return domain_texts(dataclasses.replace(config, domain=name))
+
+
+def domain_labels(entries: Sequence[str]) -> list[str]:
+    """`domains` entries as they are shown (CSV columns, plot legend, result keys): each spec's `name`,
+    not its YAML path; two entries of one name are refused."""
+    labels = [load_domain(entry).name for entry in entries]
+    if len(set(labels)) != len(labels):
+        raise DPrunerError(f"domains {list(entries)} name the same domain twice ({labels}); each needs its own name")
+    return labels
 
 
 def split_domain(config, name: str) -> tuple[list[str], list[str]]:
@@ -122,11 +132,11 @@ class DomainMixture:
     def __init__(self, config, make_dataset: Callable[[list[str]], Dataset], collate: Callable, rank: int,
                  world_size: int) -> None:
         self.config = config
-        self.names = list(config.domains)
+        self.names = domain_labels(config.domains)
         self.train: list[Dataset] = []
         self.held_out: list[Dataset] = []
-        for name in self.names:
-            train, held_out = split_domain(config, name)
+        for entry in config.domains:
+            train, held_out = split_domain(config, entry)
             self.train.append(make_dataset(train))
             self.held_out.append(make_dataset(held_out))
         self.collate = collate

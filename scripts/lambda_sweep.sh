@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The evaluation issue's lambda sweep: for each regularizer form, stage 2 at every lambda, a per-matrix
+# mask at SPARSITY, evaluated on VALIDATION text only (the domain's validation text, WikiText-2
+# validation, held-out C4), with each mask's Jaccard against lambda = 0 and the trade-off plot
+# (code/sweep.py lambda --split validation). The default form and lambda are chosen from these folders,
+# never from test numbers. Resumable: rerun to continue.
+#
+# Usage: bash scripts/lambda_sweep.sh [legal|medical] [OUT]      (default: legal, outputs/sweeps)
+# Environment: FORMS ("anchor squared_grad upstream grad_penalty"), LAMBDAS (0,0.01,0.1,1,10,100),
+#   SPARSITY (0.5), GENERAL_IMPORTANCE (stage 1 on 16 x 256 C4 windows, made if missing),
+#   TRAIN_ARGS (the quickstart's stage-2 size; one process without DeepSpeed, which grad_penalty needs),
+#   EVAL_ARGS (sweep.py evaluation sizes).
+set -euo pipefail
+source "$(dirname "$0")/_env.sh"
+DOMAIN="${1:-legal}"
+OUT="$(realpath -m "${2:-outputs/sweeps}")"
+case "$DOMAIN" in
+    legal) : "${TRAIN_ARGS:=casehold_examples=32 billsum_examples=8}" ;;
+    medical) : "${TRAIN_ARGS:=pubmedqa_examples=24 hqs_examples=16}" ;;
+    *) echo "error: first argument must be legal or medical, got '$DOMAIN'" >&2; exit 2 ;;
+esac
+: "${FORMS:=anchor squared_grad upstream grad_penalty}" "${LAMBDAS:=0,0.01,0.1,1,10,100}" "${SPARSITY:=0.5}"
+: "${GENERAL_IMPORTANCE:=$OUT/general_importance}"
+: "${EVAL_ARGS:=--ppl-limit 100 --wiki-limit 600}"
+GENERAL_IMPORTANCE="$(realpath -m "$GENERAL_IMPORTANCE")"
+if ! grep -qs '"complete": true' "$GENERAL_IMPORTANCE/manifest.json"; then
+    "$PY" code/general.py smollm2-135m c4 --sparsity "$SPARSITY" --nsamples 16 --seqlen 256 --out "$GENERAL_IMPORTANCE"
+fi
+for form in $FORMS; do
+    # shellcheck disable=SC2086
+    "$PY" code/sweep.py lambda smollm2-135m --domain "$DOMAIN" --split validation --lambdas "$LAMBDAS" \
+        --sparsity "$SPARSITY" --general-importance "$GENERAL_IMPORTANCE" $EVAL_ARGS \
+        --train-args "regularizer=$form deepspeed=null data_max_length=256 per_device_train_batch_size=4 $TRAIN_ARGS" \
+        --out "$OUT/$DOMAIN-lambda-$form"
+done

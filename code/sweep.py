@@ -62,7 +62,8 @@ def build_parser():
     sparsity.add_argument("--sparsities", "--sparsity", default="0.1,0.3,0.5,0.7",
                           help="comma-separated fractions of the 7 projections pruned, each in [0, 1)")
     sparsity.add_argument("--scores", default=None, metavar="DIR",
-                          help="dpruner's importance folder (stage-2 OUT/lomo/importance); required with dpruner")
+                          help="D-Pruner's importance folder (stage-2 OUT/lomo/importance); required with dpruner, "
+                               "dpruner-obs and dpruner-obs-saliency (its dual mask / ranking + OBS compensation)")
     sparsity.add_argument("--nsamples", type=int, default=DEFAULT_NSAMPLES,
                           help="calibration windows of wanda / sparsegpt / mixcal (C4; mixcal: half domain text)")
     sparsity.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN, help="tokens per calibration window")

@@ -113,7 +113,7 @@ BAD_INPUTS = {
     "empty methods": (["--methods", ","], "--methods is empty"),
     "empty sparsities": (["--methods", "magnitude", "--sparsities", ""], "--sparsities is empty"),
     "dpruner without scores": (["--methods", "magnitude,dpruner"], "dpruner needs --scores"),
-    "scores without dpruner": (["--methods", "magnitude", "--scores", "{scores}"], "only read by method dpruner"),
+    "scores without dpruner": (["--methods", "magnitude", "--scores", "{scores}"], "only read by methods dpruner, dpruner-obs"),
     "bad eval setting": (["--methods", "magnitude", "--ppl-stride", "600"], "--ppl-stride 600 must not exceed"),
 }
 BAD_LAMBDA_INPUTS = {
@@ -211,6 +211,19 @@ def test_lambda_jaccard_is_the_pooled_jaccard_of_the_stage3_masks(tmp_path):
     written = json.loads((tmp_path / "jaccard" / "lambda2.0-s0.5.json").read_text())
     assert written["jaccard"] == pytest.approx(shared / union, rel=1e-12)
     assert json.loads((tmp_path / "jaccard" / "lambda0.0-s0.5.json").read_text())["jaccard"] == 1.0
+
+
+def test_dpruner_obs_points_run_prune_baseline_with_their_selection_and_domain_calibration(tmp_path):
+    config = SweepConfig(kind="sparsity", model="m", domain="legal", out=tmp_path, sparsities=[0.5],
+                         methods=["dpruner-obs", "dpruner-obs-saliency"], scores=tmp_path / "scores", nsamples=4,
+                         seqlen=32)
+    for method, selection in (("dpruner-obs", "mask"), ("dpruner-obs-saliency", "saliency")):
+        command = config.prune_command(Point(f"{method}-s0.5", method, 0.5), tmp_path / "model")
+        assert command[1].endswith("prune_baseline.py") and command[2] == "dpruner-obs"
+        assert command[command.index("--selection") + 1] == selection
+        assert command[command.index("--scores") + 1] == str(tmp_path / "scores")
+        assert command[-4:] == ["--calibration", "mix", "--domain", "legal"]
+        assert config.recipe(Point(f"{method}-s0.5", method, 0.5))["scores"] == str(tmp_path / "scores")
 
 
 def test_pareto_front_keeps_points_no_sparser_point_beats():

@@ -36,7 +36,12 @@ CODE_DIR = Path(__file__).resolve().parents[1]
 REPO_ROOT = CODE_DIR.parent
 KINDS = ("sparsity", "lambda")
 # prune_baseline.py's unstructured methods; llm-pruner's --sparsity counts all parameters, another axis.
-SPARSITY_METHODS = ("magnitude", "wanda", "sparsegpt", "mixcal", "dpruner")
+SPARSITY_METHODS = ("magnitude", "wanda", "sparsegpt", "mixcal", "dpruner", "dpruner-obs", "dpruner-obs-saliency")
+# Methods that read --scores (D-Pruner's stage-2 importance), and the prune_baseline.py --selection of
+# the two D-Pruner-OBS variants (issue 10: keep whichever is better on validation, report both).
+SCORE_METHODS = ("dpruner", "dpruner-obs", "dpruner-obs-saliency")
+OBS_SELECTION = {"dpruner-obs": "mask", "dpruner-obs-saliency": "saliency"}
+DOMAIN_CALIBRATION_METHODS = ("mixcal", *OBS_SELECTION)  # C4 + domain Hessians
 LAMBDA_METHOD = "dpruner"
 DENSE = tables.DENSE
 SWEEP_FILE = "sweep.json"
@@ -156,11 +161,13 @@ class SweepConfig:
         if unknown:
             raise DPrunerError(f"--methods: unknown method {unknown[0]!r}; "
                                f"expected some of {', '.join(SPARSITY_METHODS)}")
-        if "dpruner" in self.methods and self.scores is None:
-            raise DPrunerError("method dpruner needs --scores DIR (its importance folder, e.g. OUT/lomo/importance)")
+        readers = [m for m in self.methods if m in SCORE_METHODS]
+        if readers and self.scores is None:
+            raise DPrunerError(f"method {readers[0]} needs --scores DIR (its importance folder, e.g. OUT/lomo/importance)")
         if self.scores is not None:
-            if "dpruner" not in self.methods:
-                raise DPrunerError("--scores is only read by method dpruner, which is not in --methods")
+            if not readers:
+                raise DPrunerError(f"--scores is only read by methods {', '.join(SCORE_METHODS)}, none of which is "
+                                   "in --methods")
             ScoreSet.open(self.scores)
 
     def _check_lambda_sweep(self) -> None:
@@ -208,6 +215,8 @@ class SweepConfig:
             recipe["scores"] = str(self.scores)
         elif point.method != "magnitude":
             recipe["calibration"] = {"nsamples": self.nsamples, "seqlen": self.seqlen}
+            if point.method in OBS_SELECTION:
+                recipe["scores"] = str(self.scores)
         if self.sparsity_profile != "uniform" and point.lam is None:
             recipe["sparsity_profile"] = self.sparsity_profile
             recipe["calibration"] = {"nsamples": self.nsamples, "seqlen": self.seqlen}
@@ -230,15 +239,21 @@ class SweepConfig:
         if point.lam is not None:
             return _cli("save_model.py", self.model, self.stage2_dir(point.lam) / "importance", target,
                         "--sparsity", point.sparsity)
-        command = _cli("prune_baseline.py", point.method, self.model, target, "--sparsity", point.sparsity)
-        if point.method == "dpruner":
+        selection = OBS_SELECTION.get(point.method)
+        command = _cli("prune_baseline.py", "dpruner-obs" if selection else point.method, self.model, target,
+                       "--sparsity", point.sparsity)
+        if point.method in SCORE_METHODS:
             command += ["--scores", str(self.scores)]
+        if selection:
+            command += ["--selection", selection]
         if self.sparsity_profile != "uniform":  # OWL measures outliers on calibration data, for every method
             command += ["--sparsity-profile", self.sparsity_profile]
         elif point.method in ("dpruner", "magnitude"):
             return command
         command += ["--nsamples", str(self.nsamples), "--seqlen", str(self.seqlen)]
-        return [*command, "--calibration", "mix", "--domain", self.domain] if point.method == "mixcal" else command
+        if point.method in DOMAIN_CALIBRATION_METHODS:
+            return [*command, "--calibration", "mix", "--domain", self.domain]
+        return command
 
     def tasks(self) -> list[str]:
         if self.split == VALIDATION:

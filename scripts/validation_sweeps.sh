@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# The evaluation issue's lambda sweep: for each regularizer form, stage 2 at every lambda, a per-matrix
-# mask at SPARSITY, evaluated on VALIDATION text only (the domain's validation text, WikiText-2
-# validation, held-out C4), with each mask's Jaccard against lambda = 0 and the trade-off plot
-# (code/sweep.py lambda --split validation). The default form and lambda are chosen from these folders,
-# never from test numbers. Resumable: rerun to continue.
+# The evaluation issue's choices, made on VALIDATION text only (the domain's validation text, WikiText-2
+# validation, held-out C4), never on test numbers; resumable (rerun to continue):
+#  1. the lambda sweep: for each regularizer form, stage 2 at every lambda and a per-matrix mask at
+#     SPARSITY, with each mask's Jaccard against lambda = 0 and the trade-off plot
+#     (code/sweep.py lambda --split validation) -> OUT/DOMAIN-lambda-FORM;
+#  2. D-Pruner-OBS's selection (the fixed dual mask, or dual importance as the OBS ranking) next to
+#     SparseGPT, MixCal and D-Pruner, on OBS_SCORES (default: the anchor form's stage 2 at lambda 0.1)
+#     -> OUT/DOMAIN-obs-selection.
 #
-# Usage: bash scripts/lambda_sweep.sh [legal|medical] [OUT]      (default: legal, outputs/sweeps)
+# Usage: bash scripts/validation_sweeps.sh [legal|medical] [OUT]      (default: legal, outputs/sweeps)
 # Environment: FORMS ("anchor squared_grad upstream grad_penalty"), LAMBDAS (0,0.01,0.1,1,10,100),
 #   SPARSITY (0.5), GENERAL_IMPORTANCE (stage 1 on 16 x 256 C4 windows, made if missing),
 #   TRAIN_ARGS (the quickstart's stage-2 size; one process without DeepSpeed, which grad_penalty needs),
-#   EVAL_ARGS (sweep.py evaluation sizes).
+#   EVAL_ARGS (sweep.py evaluation sizes), OBS_SCORES (step 2's stage-2 importance folder).
 set -euo pipefail
 source "$(dirname "$0")/_env.sh"
 DOMAIN="${1:-legal}"
@@ -33,3 +36,8 @@ for form in $FORMS; do
         --train-args "regularizer=$form deepspeed=null data_max_length=256 per_device_train_batch_size=4 $TRAIN_ARGS" \
         --out "$OUT/$DOMAIN-lambda-$form"
 done
+OBS_SCORES="${OBS_SCORES:-$OUT/$DOMAIN-lambda-anchor/lomo/lambda0.1/importance}"
+# shellcheck disable=SC2086
+"$PY" code/sweep.py sparsity smollm2-135m --domain "$DOMAIN" --split validation \
+    --methods sparsegpt,mixcal,dpruner,dpruner-obs,dpruner-obs-saliency --sparsities "$SPARSITY" \
+    --scores "$OBS_SCORES" --nsamples 16 --seqlen 256 $EVAL_ARGS --out "$OUT/$DOMAIN-obs-selection"

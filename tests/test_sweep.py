@@ -183,6 +183,25 @@ def test_validation_split_evaluates_only_validation_texts(tmp_path):
                                       lambdas=[0.0], general_importance=tmp_path).recipe(point)
 
 
+@pytest.mark.slow
+def test_validation_sweep_scores_only_validation_texts(tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("sweep.py", "sparsity", tiny_llama_dir, "--domain", "medical", "--methods", "magnitude",
+                     "--sparsities", "0.5", "--split", "validation", "--out", out, *TINY_SETTINGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (out / "eval" / "magnitude-s0.5").glob("*.json")) == [
+        "general_validation_perplexity.json", "medical_validation_perplexity.json"]
+    domain = json.loads((out / "eval" / "dense" / "medical_validation_perplexity.json").read_text())
+    assert list(domain["metrics"]) == ["hqs_questions_validation"]
+    general = json.loads((out / "eval" / "dense" / "general_validation_perplexity.json").read_text())
+    assert list(general["metrics"]) == ["wikitext2_validation", "c4"]
+    row = read_rows(out)[1]
+    assert float(row["medical_validation_ppl"]) == pytest.approx(
+        json.loads((out / "eval" / "magnitude-s0.5" / "medical_validation_perplexity.json").read_text())
+        ["metrics"]["hqs_questions_validation"]["ppl_window_mean"], rel=1e-12)
+    assert float(row["c4_held_out_ppl_ci95_low"]) <= float(row["c4_held_out_ppl"]) <= float(row["c4_held_out_ppl_ci95_high"])
+
+
 def test_lambda_jaccard_is_the_pooled_jaccard_of_the_stage3_masks(tmp_path):
     from dpruner.masks import select
     from dpruner.sweep import update_lambda_jaccards

@@ -28,7 +28,7 @@ for method in ${METHODS//,/ }; do
         ln -sfn "$OUT/legal-owl/eval/$point" "$paired/eval/$point-owl"
         "$PY" code/make_tables.py "$paired/eval" --domain legal --labels "$point-uniform,$point-owl" \
             --reference "$point-uniform" --md "$paired/$point.md" > /dev/null
-        tail -n 1 "$paired/$point.md"
+        grep "^| $point-owl " "$paired/$point.md"
     done
 done
 echo "paired tables (OWL vs uniform, * = beyond the noise): $paired/*.md"

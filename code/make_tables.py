@@ -14,7 +14,8 @@ from __future__ import annotations
 from dpruner import cli
 from dpruner.guard import Output, protect
 from dpruner.io import atomic_path
-from dpruner.tables import DEFAULT_REFERENCE, COLUMNS, build_table, load_results, seed_table, to_csv, to_markdown
+from dpruner.tables import (COLUMNS, DEFAULT_REFERENCE, build_table, load_results, seed_table, to_csv, to_markdown,
+                            validation_columns)
 from dpruner.validate import check_results
 
 
@@ -28,6 +29,9 @@ def main(argv=None) -> int:
                         help="comma-separated row labels in display order (default: dense first, then all)")
     parser.add_argument("--reference", default=DEFAULT_REFERENCE,
                         help="row label every other row is paired against (ignored when it is not a row)")
+    parser.add_argument("--split", choices=("test", "validation"), default="test",
+                        help="validation: the columns of `code/sweep.py --split validation` results (the domain's "
+                             "validation text, WikiText-2 validation, held-out C4)")
     parser.add_argument("--md", default=None, help="also write the markdown table here")
     parser.add_argument("--csv", default=None, help="also write the table as CSV (one row per cell) here")
     args = parser.parse_args(argv)
@@ -36,8 +40,9 @@ def main(argv=None) -> int:
     protect([Output(f"--{kind}", cli.resolve_out(getattr(args, kind)), folder=False) for kind in ("md", "csv")],
             {"results folder": folder})
     results = load_results(folder)
-    check_results(folder, results, args.domain)
-    table = build_table(results, args.domain, labels, args.reference)
+    columns = validation_columns(args.domain) if args.split == "validation" else None
+    check_results(folder, results, args.domain, columns)
+    table = build_table(results, args.domain, labels, args.reference, columns=columns)
     seeds = seed_table(results, args.domain)
     markdown = to_markdown(table) + (f"\nMean ± s.d. over seeds:\n\n{seeds}" if seeds else "")
     for path, text in ((args.md, markdown), (args.csv, to_csv(table))):

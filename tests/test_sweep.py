@@ -200,6 +200,10 @@ def test_validation_sweep_scores_only_validation_texts(tiny_llama_dir, tmp_path)
         json.loads((out / "eval" / "magnitude-s0.5" / "medical_validation_perplexity.json").read_text())
         ["metrics"]["hqs_questions_validation"]["ppl_window_mean"], rel=1e-12)
     assert float(row["c4_held_out_ppl_ci95_low"]) <= float(row["c4_held_out_ppl"]) <= float(row["c4_held_out_ppl_ci95_high"])
+    table = run_cli("make_tables.py", out / "eval", "--domain", "medical", "--split", "validation",
+                    "--reference", "magnitude-s0.5")
+    assert table.returncode == 0, table.stderr
+    assert "Medical validation ppl" in table.stdout and "C4 held-out ppl" in table.stdout
 
 
 def test_lambda_jaccard_is_the_pooled_jaccard_of_the_stage3_masks(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,12 +135,13 @@ def load_yaml(path: Path) -> Any:
         loader.dispose()
 
 
-def check_results(folder: Path, results: dict[str, dict[str, Any]], domain: str) -> None:
+def check_results(folder: Path, results: dict[str, dict[str, Any]], domain: str,
+                  columns: Sequence[Any] | None = None) -> None:
     """Every result file make_tables reads is an evaluation result holding a number for each of its
-    columns, so a wrong file is named instead of failing inside the table code."""
+    columns (default: the shipped domain's), so a wrong file is named instead of failing inside the table code."""
     from dpruner.tables import COLUMNS
 
-    columns = COLUMNS.get(domain, [])
+    columns = COLUMNS.get(domain, []) if columns is None else columns
     for label, tasks in results.items():
         for task, result in tasks.items():
             path = folder / label / f"{task}.json"

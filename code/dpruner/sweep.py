@@ -607,12 +607,12 @@ def update_lambda_jaccards(config: SweepConfig, points: Sequence[Point]) -> None
         path = _jaccard_path(config, point)
         if point.lam is None or path.is_file() or not _stage2_complete(config, point.lam):
             continue
-        options = MaskOptions(sparsity=point.sparsity, scope="matrix")  # save_model.py's per-matrix masks
-        sources = [ScoreMasks(_lambda_name(lam), config.stage2_dir(lam) / "importance", options)
-                   for lam in dict.fromkeys((0.0, point.lam))]
-        if len(sources) == 1:  # lambda = 0 itself
+        if point.lam == 0.0:
             write_json(path, {"lambda": 0.0, "sparsity": point.sparsity, "against": 0.0, "jaccard": 1.0})
             continue
+        options = MaskOptions(sparsity=point.sparsity, scope="matrix")  # save_model.py's per-matrix masks
+        sources = [ScoreMasks(_lambda_name(lam), config.stage2_dir(lam) / "importance", options)
+                   for lam in (0.0, point.lam)]
         pooled = next(r for r in jaccard_rows(count_masks(sources)) if r["layer"] == ALL and r["module"] == ALL)
         write_json(path, {"lambda": point.lam, "sparsity": point.sparsity, "against": 0.0,
                           "jaccard": pooled["jaccard"], "random_jaccard": pooled["random_jaccard"]})

@@ -165,6 +165,8 @@ def test_lambda_sweep_runs_stage2_per_lambda_and_masks_per_sparsity(tmp_path):
     importance = tmp_path / "lomo" / "lambda1.0" / "importance"
     assert command[3:] == [str(importance), str(tmp_path / "model"), "--sparsity", "0.6"]
     assert config.tasks() == ["medical_perplexity", "pubmedqa", "general_perplexity"]
+    paths = {config.stage2_recipe_path(lam) for lam in (0.0, 0.01, 0.1, 1.0)}
+    assert len(paths) == 4, "every lambda has its own stage-2 recipe file"
 
 
 def test_validation_split_evaluates_only_validation_texts(tmp_path):

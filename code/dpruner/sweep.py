@@ -231,6 +231,10 @@ class SweepConfig:
     def stage2_dir(self, lam: float) -> Path:
         return self.out / "lomo" / _lambda_name(lam)
 
+    def stage2_recipe_path(self, lam: float) -> Path:
+        """OUT/lomo/lambda<λ>.json; not with_suffix, which would map lambda0.0 and lambda0.1 to one file."""
+        return self.out / "lomo" / f"{_lambda_name(lam)}.json"
+
     def stage2_overrides(self, lam: float) -> list[str]:
         return [f"model_name_or_path={self.model}", f"general_importance_dir={self.general_importance}",
                 f"output_dir={self.stage2_dir(lam)}", *self.train_args, f"regularizer_lambda={lam}"]
@@ -329,7 +333,7 @@ def _recipes(config: SweepConfig, points: Sequence[Point]) -> dict[str, tuple[Pa
     """{what: (recipe file, recipe)} for every point and every stage-2 run of the sweep."""
     recipes = {f"point {p.label}": (config.recipe_path(p), config.recipe(p)) for p in points}
     for lam in config.lambdas if config.kind == "lambda" else ():
-        recipes[f"stage 2 of {_lambda_name(lam)}"] = (config.stage2_dir(lam).with_suffix(".json"),
+        recipes[f"stage 2 of {_lambda_name(lam)}"] = (config.stage2_recipe_path(lam),
                                                       config.stage2_recipe(lam))
     return recipes
 
@@ -375,7 +379,7 @@ def _stage2(config: SweepConfig, lam: float) -> None:
     folder = config.stage2_dir(lam)
     if _stage2_complete(config, lam):
         return
-    write_json(folder.with_suffix(".json"), config.stage2_recipe(lam))
+    write_json(config.stage2_recipe_path(lam), config.stage2_recipe(lam))
     command = [*config.launcher, str(CODE_DIR / "src" / "train_lomo.py"),
                str(REPO_ROOT / STAGE2_CONFIGS[config.domain]), *config.stage2_overrides(lam)]
     _run(config, _lambda_name(lam), "stage 2 (LOMO fine-tuning, dual importance)", command)

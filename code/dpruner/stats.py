@@ -117,7 +117,7 @@ def bootstrap_ci(units: dict[str, Sequence], statistic: Statistic, *, samples: i
 
 def paired_bootstrap(reference: dict[str, Sequence], candidate: dict[str, Sequence], statistic: Statistic, *,
                      samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED,
-                     level: float = CONFIDENCE, strata: Sequence | None = None) -> PairedDifference:
+                     level: float = CONFIDENCE) -> PairedDifference:
     """Bootstrap of statistic(candidate) - statistic(reference), both resampled with the same indices."""
     ref = {key: np.asarray(values) for key, values in reference.items()}
     cand = {key: np.asarray(values) for key, values in candidate.items()}
@@ -126,7 +126,7 @@ def paired_bootstrap(reference: dict[str, Sequence], candidate: dict[str, Sequen
         raise DPrunerError(f"paired bootstrap needs the same units for both models, got {n} and "
                            f"{len(next(iter(cand.values())))}")
     draws = np.array([statistic(_take(cand, index)) - statistic(_take(ref, index))
-                      for index in _resample_indices(n, samples, seed, strata)])
+                      for index in _resample_indices(n, samples, seed)])
     difference = statistic(cand) - statistic(ref)
     low, high = _interval(draws, level)
     other_side = np.mean(draws <= 0) if difference > 0 else np.mean(draws >= 0)

@@ -115,7 +115,7 @@ def _minus(make: Callable[[str], Callable[[Units], float]]) -> Callable[[Units],
 
 def comparison_markdown(runs: dict[str, dict[str, Any]], reference: str) -> str:
     """A markdown table of domain_perplexity.json results: each domain's, the worst and the mean relative
-    perplexity with 95 % intervals, then each run's paired difference from `reference` ("no difference"
+    perplexity with the 95 % intervals the results hold (`intervals`), then each run's paired difference from `reference` ("no difference"
     where the interval includes 0)."""
     def cell(entry: dict[str, float]) -> str:
         return f"{entry['value']:.4f} [{entry['ci95_low']:.4f}, {entry['ci95_high']:.4f}]"
@@ -128,7 +128,7 @@ def comparison_markdown(runs: dict[str, dict[str, Any]], reference: str) -> str:
     header = ["run", *(f"{n} rel. ppl" for n in names), "worst domain", "mean"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, run in runs.items():
-        summary = summarize(run["domains"])
+        summary = run["intervals"]
         worst = summary["worst_domain"]
         lines.append("| " + " | ".join([label, *(cell(summary["relative_perplexity"][n]) for n in names),
                                         f"{worst['name']} {cell(worst)}", cell(summary["mean_relative_perplexity"])])

@@ -1,6 +1,11 @@
 # Sourced by pipeline.sh and reproduce_tables.sh: parse `DOMAIN [MODEL] [--quick|--tiny] [--out DIR] [--fresh]`,
 # set every setting (environment variables of the same name win), and pin them in OUT/settings.txt so a
-# rerun resumes only with the same settings. Defines `step` and `evaluate_model LABEL TARGET`.
+# rerun resumes only with the same settings. Defines `step`, `row_done LABEL` and `evaluate_model LABEL TARGET`.
+# EVAL_STORE (default OUT/eval) is where finished rows live: with another folder (e.g. a tracked
+# results/<domain>-standard), each row is evaluated in OUT/eval and copied there only once all its tasks
+# are done, without dataset text (code/dpruner/evaluation/store.py), so a row is never a mix of two
+# builds of its model; a run that resumes on another day or machine skips the rows already there and
+# rebuilds only what the others need.
 # DOMAIN is a shipped domain (config/domains/legal.yaml, medical.yaml) or a domain YAML path.
 DOMAIN="${1:-}"
 case "$DOMAIN" in
@@ -72,6 +77,15 @@ if [ -f "$OUT/settings.txt" ] && [ "$(cat "$OUT/settings.txt")" != "$SETTINGS" ]
     exit 2
 fi
 echo "$SETTINGS" > "$OUT/settings.txt"
+EVAL_STORE="$(realpath -m "${EVAL_STORE:-$OUT/eval}")"
+if [ "$EVAL_STORE" != "$OUT/eval" ]; then
+    mkdir -p "$EVAL_STORE"
+    if [ -f "$EVAL_STORE/settings.txt" ] && [ "$(cat "$EVAL_STORE/settings.txt")" != "$SETTINGS" ]; then
+        echo "error: EVAL_STORE=$EVAL_STORE holds rows of other settings ($EVAL_STORE/settings.txt); set another EVAL_STORE" >&2
+        exit 2
+    fi
+    echo "$SETTINGS" > "$EVAL_STORE/settings.txt"
+fi
 START=$SECONDS
 step() { echo; echo "== $* (t=$((SECONDS - START)) s)"; }
 opt() { [ -n "$2" ] && echo "$1 $2" || true; }   # "--limit N" only when N is set
@@ -91,13 +105,28 @@ run_stage2() {
         general_importance_dir="$OUT/general_importance" output_dir="$OUT/$folder" $TRAIN_ARGS "$@"
 }
 
+# entry_name TASK:RESULT:FAMILY: the file name (without .json) of that evaluation's result.
+entry_name() {
+    local name="${1#*:}"
+    if [ "${1##*:}" = general ]; then echo general_perplexity; else echo "${name%%:*}"; fi
+}
+# result_names: the result names of every evaluation of a row, in TASKS order (WikiText-2 last).
+result_names() {
+    local entry
+    for entry in $TASKS general::general; do entry_name "$entry"; done
+}
+# row_done LABEL: true when every evaluation of LABEL is in EVAL_STORE.
+row_done() {
+    local name
+    for name in $(result_names); do [ -f "$EVAL_STORE/$1/$name.json" ] || return 1; done
+}
 # evaluate_model LABEL TARGET: the domain's evaluations + WikiText-2 into OUT/eval/LABEL/<task>.json
-# (finished results are kept, so a rerun resumes).
+# (finished results are kept, so a rerun resumes), then the whole row into EVAL_STORE.
 evaluate_model() {
     local label="$1" target="$2" entry task name family result args script
+    if row_done "$label"; then echo "[skip] $label: every evaluation is in $EVAL_STORE/$label"; return; fi
     for entry in $TASKS general::general; do
-        task="${entry%%:*}"; family="${entry##*:}"; name="${entry#*:}"; name="${name%%:*}"
-        [ "$family" = general ] && name=general_perplexity
+        task="${entry%%:*}"; family="${entry##*:}"; name="$(entry_name "$entry")"
         result="$OUT/eval/$label/$name.json"
         if [ -f "$result" ]; then echo "[skip] $label $name"; continue; fi
         script=(code/domain_evaluation.py --domain "$DOMAIN" --task "$task")
@@ -111,4 +140,8 @@ evaluate_model() {
         # shellcheck disable=SC2086
         "$PY" "${script[@]}" "$MODEL" "$target" --batch-size "$EVAL_BATCH" --out "$result" $args
     done
+    [ "$EVAL_STORE" = "$OUT/eval" ] && return
+    # shellcheck disable=SC2046
+    "$PY" -m dpruner.evaluation.store "$OUT/eval/$label" "$EVAL_STORE" "$label" $(result_names) \
+        --commit "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 }

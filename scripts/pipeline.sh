@@ -13,7 +13,8 @@
 #   --standard  --quick with evaluation sets large enough to rank methods (all test rows; hours on a CPU)
 #   --out    output folder (default outputs/<domain>, outputs/<domain>-quick or outputs/<domain>-tiny)
 #   --fresh  delete the output folder first (otherwise finished steps are skipped: the run resumes)
-# Every setting in scripts/_settings.sh can be overridden with an environment variable of that name.
+# Every setting in scripts/_settings.sh can be overridden with an environment variable of that name;
+# PIPELINE_ROWS (default: the four models above) names the rows stage 4 evaluates, none = stages 1-3 only.
 set -euo pipefail
 usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 source "$(dirname "$0")/_settings.sh"
@@ -38,14 +39,16 @@ for variant in matrix iterative; do
     "$PY" "$script" "$MODEL" "$OUT/lomo/importance" "$OUT/models/dpruner-$variant" --sparsity "$SPARSITY" $extra
 done
 
+PIPELINE_ROWS="${PIPELINE_ROWS-dense sparsegpt dpruner-matrix dpruner-iterative}"
+[ -z "$PIPELINE_ROWS" ] && exit 0
 step "stage 4: evaluation"
-for label in dense sparsegpt dpruner-matrix dpruner-iterative; do
+for label in $PIPELINE_ROWS; do
     target="$OUT/models/$label"; [ "$label" = dense ] && target="$MODEL"
     evaluate_model "$label" "$target"
 done
 
 step "table"
-"$PY" code/make_tables.py "$OUT/eval" --domain "$DOMAIN" --labels dense,sparsegpt,dpruner-matrix,dpruner-iterative \
+"$PY" code/make_tables.py "$EVAL_STORE" --domain "$DOMAIN" --labels "$(echo $PIPELINE_ROWS | tr ' ' ,)" \
     --md "$OUT/table.md" --csv "$OUT/table.csv" > /dev/null
 echo "model $MODEL, $DOMAIN, sparsity $SPARSITY of the 7 projections; settings in $OUT/settings.txt"
 cat "$OUT/table.md"
@@ -53,5 +56,5 @@ echo
 echo "general importance (stage 1): $OUT/general_importance"
 echo "dual importance (stage 2):    $OUT/lomo/importance"
 echo "pruned models:                $OUT/models/{sparsegpt,dpruner-matrix,dpruner-iterative}"
-echo "results:                      $OUT/eval/<model>/<task>.json, table $OUT/table.md"
+echo "results:                      $EVAL_STORE/<model>/<task>.json, table $OUT/table.md"
 echo "wall time: $((SECONDS - START)) s"

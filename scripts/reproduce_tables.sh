@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Every row of the paper's table for one domain at one sparsity and one calibration budget, the table,
-# a mask analysis and OUT/RESULTS_<domain>.md. Steps (finished ones are skipped, so a rerun resumes):
-#   1. scripts/pipeline.sh: dense, sparsegpt, dpruner-matrix, dpruner-iterative (stages 1-3)
+# a mask analysis and OUT/RESULTS_<domain>.md. Rows are built and evaluated one at a time (finished ones
+# are skipped, so a rerun resumes; the rows' models are described by step):
+#   1. scripts/pipeline.sh stages 1-3: sparsegpt, dpruner-matrix, dpruner-iterative (skipped when every row
+#      is already in EVAL_STORE)
 #   2. baselines at $SPARSITY with the same NSAMPLES x SEQLEN calibration: magnitude, wanda (C4),
 #      mixcal (C4 + domain Hessians, alpha 0.5), and llm-pruner (structured) removing the fraction of ALL
 #      parameters that dpruner-matrix removes (its pruning_report.json), so both keep as many parameters
@@ -14,7 +16,9 @@
 #   3b. the regularizer forms and D-Pruner-OBS: dpruner-upstream (the original code's formulas, raw G),
 #      dpruner-squared-grad (this project's former "paper" form), dpruner-obs (the dual mask + OBS
 #      compensation on the mixcal Hessian) and dpruner-obs-saliency (dual importance ranks inside the sweep)
-#   4. the domain's 3 evaluations + WikiText-2 for every row; OUT/table_full.md and OUT/table_full.csv
+#   4. the domain's 3 evaluations + WikiText-2 of each row, right after its model (scripts/_settings.sh:
+#      EVAL_STORE keeps finished rows, STOP_AFTER_MIN stops starting rows after that many minutes);
+#      OUT/table_full.md and OUT/table_full.csv of the finished rows
 #      (every cell with its 95 % bootstrap interval, * = paired difference to SparseGPT beyond the noise)
 #   4b. with SEEDS (e.g. SEEDS="1 2"): sparsegpt, mixcal, dpruner-matrix and dpruner-obs again with
 #      calibration seed N and stage-2 seed N, as rows <label>~seedN; the table adds mean ± s.d. over seeds
@@ -22,6 +26,7 @@
 #   5. mask overlap (code/analyze_masks.py) of the unstructured models in OUT/mask_analysis, and of D-Pruner
 #      and its three ablations in OUT/mask_analysis_dpruner; general-only and dpruner-matrix are exactly
 #      the masks of the stage-1 and stage-2 scores at $SPARSITY, so their pair is general vs dual importance
+#      (only when every model is in OUT/models: a run resumed from EVAL_STORE rebuilds only unfinished rows)
 #   6. OUT/RESULTS_<domain>.md (command, date, machine, versions, settings, wall time, table, figures);
 #      the Jaccard figures are copied to docs/figures/<domain>/ (<domain>-quick/, <domain>-tiny/ with those flags)
 #
@@ -34,15 +39,21 @@ ARGS=("$@")
 source "$(dirname "$0")/_settings.sh"
 
 CALIBRATION=(--nsamples "$NSAMPLES" --seqlen "$SEQLEN" --windowing "$WINDOWING")
+# Display order of the table. Rows are built and evaluated one at a time in EVAL_ORDER: the rows the
+# evaluation issue ranks first, then the seeds, then the extra ablations, so a run stopped by
+# STOP_AFTER_MIN (minutes; no new row starts after it) has the most useful rows.
 ROWS="dense magnitude sparsegpt wanda llm-pruner mixcal dpruner-matrix dpruner-iterative dpruner-upstream
 dpruner-squared-grad dpruner-obs dpruner-obs-saliency dpruner-noreg general-only domain-only"
 ROWS="$(echo $ROWS)"
 UNSTRUCTURED="${ROWS/dense /}"; UNSTRUCTURED="${UNSTRUCTURED/llm-pruner /}"
 SEED_ROWS=""
 for seed in ${SEEDS:-}; do SEED_ROWS="$SEED_ROWS sparsegpt~seed$seed mixcal~seed$seed dpruner-matrix~seed$seed dpruner-obs~seed$seed"; done
+EVAL_ORDER="dense sparsegpt mixcal dpruner-obs dpruner-matrix wanda magnitude dpruner-upstream dpruner-squared-grad
+$SEED_ROWS dpruner-iterative llm-pruner dpruner-obs-saliency dpruner-noreg general-only domain-only"
 # The original code's formulas (config/args_lomo_upstream.yaml's D-Pruner keys) on this run's settings.
 UPSTREAM_FORM="regularizer=upstream importance_formula=upstream importance_accumulate=upstream loss_scale=65536
 general_importance_norm=none general_importance_dtype=float32"
+MIX=(--calibration mix --domain "$DOMAIN" --alpha 0.5)
 
 # prune LABEL METHOD [OPTIONS]: code/prune_baseline.py into OUT/models/LABEL, unless it is there.
 prune() {
@@ -62,82 +73,96 @@ analyze() {
     for label in "$@"; do sources+=("$label=$OUT/models/$label"); done
     "$PY" code/analyze_masks.py "${sources[@]}" --out "$folder" --overwrite > /dev/null
 }
+# overall_sparsity: the fraction of ALL parameters dpruner-matrix removes (llm-pruner removes as many).
+overall_sparsity() {
+    "$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["sparsity"]["overall_sparsity"])' \
+        "$OUT/models/dpruner-matrix/pruning_report.json"
+}
+# seed_stage1 N / seed_stage2 N: stage 1 with calibration seed N (and SparseGPT's model of it), and
+# stage 2 on it with seed N, unless they are there.
+seed_stage1() {
+    if grep -qs '"complete": true' "$OUT/general_importance~seed$1/manifest.json" \
+        && [ -f "$OUT/models/sparsegpt~seed$1/pruning_report.json" ]; then return; fi
+    "$PY" code/general.py "$MODEL" c4 --sparsity "$SPARSITY" "${CALIBRATION[@]}" --seed "$1" \
+        --out "$OUT/general_importance~seed$1" --save-pruned "$OUT/models/sparsegpt~seed$1"
+}
+seed_stage2() {
+    seed_stage1 "$1"
+    if grep -qs '"complete": true' "$OUT/lomo~seed$1/trainer_state.json"; then return; fi
+    # shellcheck disable=SC2086
+    $LAUNCHER code/src/train_lomo.py "$CONFIG" domain="$DOMAIN" model_name_or_path="$MODEL" deepspeed="$DS_CONFIG" \
+        general_importance_dir="$OUT/general_importance~seed$1" output_dir="$OUT/lomo~seed$1" seed="$1" $TRAIN_ARGS
+}
+# build_row LABEL: what LABEL's model needs, beyond scripts/pipeline.sh's stages 1-3, unless it is there.
+build_row() {
+    local seed="${1##*~seed}"
+    case "$1" in
+        dense|sparsegpt|dpruner-matrix|dpruner-iterative) ;;   # scripts/pipeline.sh made them
+        magnitude) prune magnitude magnitude --sparsity "$SPARSITY" ;;
+        wanda) prune wanda wanda --sparsity "$SPARSITY" --calibration c4 "${CALIBRATION[@]}" ;;
+        mixcal) prune mixcal mixcal --sparsity "$SPARSITY" "${MIX[@]}" "${CALIBRATION[@]}" ;;
+        llm-pruner) prune llm-pruner llm-pruner --sparsity "$(overall_sparsity)" --calibration c4 "${CALIBRATION[@]}" ;;
+        dpruner-noreg) run_stage2 lomo_noreg regularizer=none; mask dpruner-noreg "$OUT/lomo_noreg/importance" ;;
+        domain-only) run_stage2 lomo_domain_only regularizer=none learning_rate=0
+                     mask domain-only "$OUT/lomo_domain_only/importance" ;;
+        general-only) mask general-only "$OUT/general_importance" ;;
+        # shellcheck disable=SC2086
+        dpruner-upstream) run_stage2 lomo_upstream $UPSTREAM_FORM; mask dpruner-upstream "$OUT/lomo_upstream/importance" ;;
+        dpruner-squared-grad) run_stage2 lomo_squared_grad regularizer=squared_grad
+                              mask dpruner-squared-grad "$OUT/lomo_squared_grad/importance" ;;
+        dpruner-obs|dpruner-obs-saliency)
+            local selection=mask; [ "$1" = dpruner-obs-saliency ] && selection=saliency
+            prune "$1" dpruner-obs --scores "$OUT/lomo/importance" --selection "$selection" --sparsity "$SPARSITY" \
+                "${MIX[@]}" "${CALIBRATION[@]}" ;;
+        sparsegpt~seed*) seed_stage1 "$seed" ;;
+        mixcal~seed*) prune "$1" mixcal --sparsity "$SPARSITY" "${MIX[@]}" "${CALIBRATION[@]}" --seed "$seed" ;;
+        dpruner-matrix~seed*) seed_stage2 "$seed"; mask "$1" "$OUT/lomo~seed$seed/importance" ;;
+        dpruner-obs~seed*) seed_stage2 "$seed"
+            prune "$1" dpruner-obs --scores "$OUT/lomo~seed$seed/importance" --selection mask --sparsity "$SPARSITY" \
+                "${MIX[@]}" "${CALIBRATION[@]}" --seed "$seed" ;;
+        *) echo "error: no recipe for row $1" >&2; exit 2 ;;
+    esac
+}
 
-step "1/6 scripts/pipeline.sh: dense, SparseGPT, D-Pruner per matrix and iterative"
-if [ -f "$OUT/table.md" ]; then
-    echo "[skip] $OUT/table.md exists"
-else
-    PIPELINE_ARGS=("$DOMAIN" "$MODEL" --out "$OUT")
-    if [ "$TINY" = 1 ]; then PIPELINE_ARGS+=(--tiny); elif [ "$STANDARD" = 1 ]; then PIPELINE_ARGS+=(--standard)
-    elif [ "$QUICK" = 1 ]; then PIPELINE_ARGS+=(--quick); fi
-    bash scripts/pipeline.sh "${PIPELINE_ARGS[@]}"
+step "1/6 scripts/pipeline.sh stages 1-3: SparseGPT, D-Pruner per matrix and iterative"
+PIPELINE_ARGS=("$DOMAIN" "$MODEL" --out "$OUT")
+if [ "$TINY" = 1 ]; then PIPELINE_ARGS+=(--tiny); elif [ "$STANDARD" = 1 ]; then PIPELINE_ARGS+=(--standard)
+elif [ "$QUICK" = 1 ]; then PIPELINE_ARGS+=(--quick); fi
+if [ -n "$(for label in $EVAL_ORDER; do row_done "$label" || echo "$label"; done)" ]; then
+    PIPELINE_ROWS="" bash scripts/pipeline.sh "${PIPELINE_ARGS[@]}"
 fi
 
-step "2/6 baselines at sparsity $SPARSITY ($NSAMPLES x $SEQLEN calibration tokens)"
-prune magnitude magnitude --sparsity "$SPARSITY"
-prune wanda wanda --sparsity "$SPARSITY" --calibration c4 "${CALIBRATION[@]}"
-prune mixcal mixcal --sparsity "$SPARSITY" --calibration mix --domain "$DOMAIN" --alpha 0.5 "${CALIBRATION[@]}"
-OVERALL=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["sparsity"]["overall_sparsity"])' \
-    "$OUT/models/dpruner-matrix/pruning_report.json")
-echo "llm-pruner removes $OVERALL of all parameters (as dpruner-matrix)"
-prune llm-pruner llm-pruner --sparsity "$OVERALL" --calibration c4 "${CALIBRATION[@]}"
-
-step "3/6 ablations: dpruner-noreg, domain-only (stage 2 without regularizer / without fine-tuning), general-only"
-run_stage2 lomo_noreg regularizer=none
-run_stage2 lomo_domain_only regularizer=none learning_rate=0
-mask dpruner-noreg "$OUT/lomo_noreg/importance"
-mask domain-only "$OUT/lomo_domain_only/importance"
-mask general-only "$OUT/general_importance"
-
-step "3b/6 regularizer forms and D-Pruner-OBS"
-# shellcheck disable=SC2086
-run_stage2 lomo_upstream $UPSTREAM_FORM
-run_stage2 lomo_squared_grad regularizer=squared_grad
-mask dpruner-upstream "$OUT/lomo_upstream/importance"
-mask dpruner-squared-grad "$OUT/lomo_squared_grad/importance"
-OBS_ARGS=(--sparsity "$SPARSITY" --calibration mix --domain "$DOMAIN" --alpha 0.5 "${CALIBRATION[@]}")
-prune dpruner-obs dpruner-obs --scores "$OUT/lomo/importance" --selection mask "${OBS_ARGS[@]}"
-prune dpruner-obs-saliency dpruner-obs --scores "$OUT/lomo/importance" --selection saliency "${OBS_ARGS[@]}"
-
-if [ -n "${SEEDS:-}" ]; then
-    step "3c/6 seeds ${SEEDS}: sparsegpt, mixcal, dpruner-matrix, dpruner-obs"
-    for seed in $SEEDS; do
-        general="$OUT/general_importance~seed$seed"
-        if [ ! -f "$OUT/models/sparsegpt~seed$seed/pruning_report.json" ]; then
-            "$PY" code/general.py "$MODEL" c4 --sparsity "$SPARSITY" "${CALIBRATION[@]}" --seed "$seed" \
-                --out "$general" --save-pruned "$OUT/models/sparsegpt~seed$seed"
-        fi
-        prune "mixcal~seed$seed" mixcal --sparsity "$SPARSITY" --calibration mix --domain "$DOMAIN" --alpha 0.5 \
-            "${CALIBRATION[@]}" --seed "$seed"
-        if ! grep -qs '"complete": true' "$OUT/lomo~seed$seed/trainer_state.json"; then
-            # shellcheck disable=SC2086
-            $LAUNCHER code/src/train_lomo.py "$CONFIG" model_name_or_path="$MODEL" deepspeed="$DS_CONFIG" \
-                general_importance_dir="$general" output_dir="$OUT/lomo~seed$seed" seed="$seed" $TRAIN_ARGS
-        fi
-        mask "dpruner-matrix~seed$seed" "$OUT/lomo~seed$seed/importance"
-        prune "dpruner-obs~seed$seed" dpruner-obs --scores "$OUT/lomo~seed$seed/importance" --selection mask \
-            --sparsity "$SPARSITY" --calibration mix --domain "$DOMAIN" --alpha 0.5 "${CALIBRATION[@]}" --seed "$seed"
-    done
-fi
-
-step "4/6 evaluation of every row, and the table"
-for label in $ROWS $SEED_ROWS; do
+step "2-4/6 every row, one at a time: its model (baselines at sparsity $SPARSITY, $NSAMPLES x $SEQLEN calibration tokens; ablations; regularizer forms; D-Pruner-OBS; seeds ${SEEDS:-none}), then its evaluations"
+for label in $EVAL_ORDER; do
+    row_done "$label" && { echo "[skip] $label: in $EVAL_STORE"; continue; }
+    if [ -n "${STOP_AFTER_MIN:-}" ] && [ $((SECONDS - START)) -ge $((STOP_AFTER_MIN * 60)) ]; then
+        echo "stopping: STOP_AFTER_MIN=$STOP_AFTER_MIN reached; rerun to continue with $label"; break
+    fi
+    build_row "$label"
     target="$OUT/models/$label"; [ "$label" = dense ] && target="$MODEL"
     evaluate_model "$label" "$target"
 done
-"$PY" code/make_tables.py "$OUT/eval" --domain "$DOMAIN" --labels "${ROWS// /,}" --reference sparsegpt \
+DONE_ROWS="$(for label in $ROWS; do row_done "$label" && echo "$label"; done | tr '\n' , | sed 's/,$//')"
+[ -n "$DONE_ROWS" ] || { echo "no row is finished yet; rerun to continue"; exit 0; }
+"$PY" code/make_tables.py "$EVAL_STORE" --domain "$DOMAIN" --labels "$DONE_ROWS" --reference sparsegpt \
     --md "$OUT/table_full.md" --csv "$OUT/table_full.csv" > /dev/null
 
 step "5/6 mask analysis"
-# shellcheck disable=SC2086
-analyze "$OUT/mask_analysis" $UNSTRUCTURED
-analyze "$OUT/mask_analysis_dpruner" dpruner-matrix dpruner-noreg general-only domain-only
 FIGURES="docs/figures/$DOMAIN_NAME"
 if [ "$TINY" = 1 ]; then FIGURES="$FIGURES-tiny"; elif [ "$STANDARD" = 1 ]; then FIGURES="$FIGURES-standard"
 elif [ "$QUICK" = 1 ]; then FIGURES="$FIGURES-quick"; fi
-mkdir -p "$FIGURES"
-cp "$OUT/mask_analysis/jaccard_heatmap.png" "$FIGURES/jaccard_heatmap.png"
-cp "$OUT/mask_analysis_dpruner/jaccard_by_layer.png" "$FIGURES/jaccard_by_layer.png"
+MISSING_MODELS="$(for label in $UNSTRUCTURED; do [ -f "$OUT/models/$label/pruning_report.json" ] || echo "$label"; done)"
+if [ -n "$MISSING_MODELS" ]; then
+    # A resumed run rebuilds only the models of unfinished rows (EVAL_STORE), so the overlap waits for all.
+    echo "[skip] mask analysis: no model for $(echo $MISSING_MODELS)"
+else
+    # shellcheck disable=SC2086
+    analyze "$OUT/mask_analysis" $UNSTRUCTURED
+    analyze "$OUT/mask_analysis_dpruner" dpruner-matrix dpruner-noreg general-only domain-only
+    mkdir -p "$FIGURES"
+    cp "$OUT/mask_analysis/jaccard_heatmap.png" "$FIGURES/jaccard_heatmap.png"
+    cp "$OUT/mask_analysis_dpruner/jaccard_by_layer.png" "$FIGURES/jaccard_by_layer.png"
+fi
 
 step "6/6 $OUT/RESULTS_$DOMAIN_NAME.md"
 WALL=$((SECONDS - START))
@@ -161,7 +186,8 @@ REPORT="$OUT/RESULTS_$DOMAIN_NAME.md"
     echo "- versions: $VERSIONS"
     echo "- wall time: $WALL s for this run; $TOTAL s over the $RUNS run(s) of this script on $OUT"
     echo "  (a rerun skips finished steps; each run is listed in $OUT/reproduce_runs.tsv)"
-    echo "- llm-pruner removes $OVERALL of all parameters, as many as dpruner-matrix"
+    echo "- llm-pruner removes as many of all parameters as dpruner-matrix (the Sparsity column)"
+    echo "- rows in $EVAL_STORE; where each was built and evaluated: $EVAL_STORE/rows.tsv"
     echo "- settings ($OUT/settings.txt):"
     echo
     echo '```'
@@ -170,11 +196,13 @@ REPORT="$OUT/RESULTS_$DOMAIN_NAME.md"
     echo
     cat "$OUT/table_full.md"
     echo
-    echo "Mask overlap (Jaccard of the pruned weights):"
-    echo "- [all unstructured models](mask_analysis/jaccard_heatmap.png), copy: $FIGURES/jaccard_heatmap.png"
-    echo "- [D-Pruner and its ablations, per layer](mask_analysis_dpruner/jaccard_by_layer.png)," \
-        "copy: $FIGURES/jaccard_by_layer.png"
-    echo "- numbers: mask_analysis/jaccard.csv, mask_analysis_dpruner/jaccard.csv"
+    if [ -z "$MISSING_MODELS" ]; then
+        echo "Mask overlap (Jaccard of the pruned weights):"
+        echo "- [all unstructured models](mask_analysis/jaccard_heatmap.png), copy: $FIGURES/jaccard_heatmap.png"
+        echo "- [D-Pruner and its ablations, per layer](mask_analysis_dpruner/jaccard_by_layer.png)," \
+            "copy: $FIGURES/jaccard_by_layer.png"
+        echo "- numbers: mask_analysis/jaccard.csv, mask_analysis_dpruner/jaccard.csv"
+    fi
     echo
     echo "<!-- reading: -->"
 } > "$REPORT.tmp"

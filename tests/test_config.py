@@ -37,6 +37,18 @@ def test_overrides_are_typed_and_paths_do_not_depend_on_cwd(general_dir, tmp_pat
     assert config.output_dir == str(REPO / "outputs" / "lomo_legal")
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    ([], 100.0),  # anchor, chosen on validation text
+    (["regularizer=upstream"], 0.1),  # the original's constant, as the upstream form reproduces it
+    (["regularizer=squared_grad"], 0.1),
+    (["regularizer_lambda=3"], 3.0),  # an explicit lambda is never replaced
+    (["regularizer=upstream", "regularizer_lambda=0"], 0.0),
+])
+def test_null_lambda_resolves_to_the_form_default(overrides, expected, general_dir):
+    config = load_config(REPO / "config" / "args_lomo.yaml", [f"general_importance_dir={general_dir}", *overrides])
+    assert config.regularizer_lambda == expected
+
+
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "cfg.yaml"
     path.write_text(text)

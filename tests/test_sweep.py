@@ -7,7 +7,9 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -271,3 +273,58 @@ def test_reproduce_tables_help_and_bad_arguments():
         result = run_script(*args)
         lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+
+
+
+STUB_EVALUATOR = """import os, sys
+if sys.argv[1] == "-m":  # dpruner's own modules run for real
+    os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+out = sys.argv[sys.argv.index("--out") + 1]
+if os.path.basename(out) == os.environ.get("FAIL_ON", "") + ".json":
+    sys.exit("stub evaluator: failing on purpose")
+os.makedirs(os.path.dirname(out), exist_ok=True)
+with open(out, "w") as handle:
+    handle.write('{"stub": true}')
+"""
+
+
+def store_session(tmp_path: Path, calls: str, fail_on: str = "") -> subprocess.CompletedProcess:
+    """scripts/_settings.sh sourced with EVAL_STORE set, then `calls` with a stub evaluator as PY (the real
+    one lists the domain's tasks while the file is sourced)."""
+    stub = tmp_path / "stub.py"
+    stub.write_text(f"#!{sys.executable}\n{STUB_EVALUATOR}")
+    stub.chmod(0o755)
+    script = f'source scripts/_settings.sh legal --tiny --out "{tmp_path}/out" > /dev/null\nPY="{stub}"\n{calls}'
+    env = {**os.environ, "EVAL_STORE": str(tmp_path / "store"), "FAIL_ON": fail_on}
+    return subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.slow
+def test_eval_store_takes_only_whole_rows_and_skips_them_on_resume(tmp_path):
+    """A row reaches EVAL_STORE only once every task is evaluated, so a run resumed on another machine
+    never mixes two builds of one model in a row; a finished row is skipped."""
+    failed = store_session(tmp_path, "evaluate_model sparsegpt MODEL_FOLDER", fail_on="general_perplexity")
+    assert failed.returncode != 0
+    assert not (tmp_path / "store" / "sparsegpt").exists()
+    staged = sorted(p.name for p in (tmp_path / "out" / "eval" / "sparsegpt").glob("*.json"))
+    assert staged and "general_perplexity.json" not in staged
+
+    done = store_session(tmp_path, "evaluate_model sparsegpt MODEL_FOLDER; row_done sparsegpt && echo DONE")
+    assert done.returncode == 0, done.stderr
+    stored = sorted(p.name for p in (tmp_path / "store" / "sparsegpt").glob("*.json"))
+    assert stored == sorted([*staged, "general_perplexity.json"]) and "DONE" in done.stdout
+    assert [line.split("\t")[0] for line in (tmp_path / "store" / "rows.tsv").read_text().splitlines()] == ["sparsegpt"]
+    assert not list((tmp_path / "store").glob(".*"))
+
+    (tmp_path / "out").rename(tmp_path / "gone")  # a new machine: nothing but the store
+    again = store_session(tmp_path, "evaluate_model sparsegpt MODEL_FOLDER; row_done dense || echo DENSE-MISSING",
+                          fail_on="general_perplexity")
+    assert again.returncode == 0, again.stderr
+    assert "every evaluation is in" in again.stdout and "DENSE-MISSING" in again.stdout
+    assert len((tmp_path / "store" / "rows.tsv").read_text().splitlines()) == 1
+
+    other = subprocess.run(["bash", "-c", "source scripts/_settings.sh legal --quick --out " + str(tmp_path / "q")],
+                           cwd=REPO, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "EVAL_STORE": str(tmp_path / "store")})
+    lines = [line for line in other.stderr.splitlines() if line.startswith("error:")]
+    assert other.returncode == 2 and len(lines) == 1 and "holds rows of other settings" in lines[0]

@@ -19,7 +19,7 @@ import yaml
 
 from dpruner.data.spec import load_domain, shipped_domains
 from dpruner.errors import DPrunerError
-from dpruner.importance import ANCHOR_STEPS, GENERAL_NORMS, REGULARIZERS, RENAMED_REGULARIZERS
+from dpruner.importance import ANCHOR_STEPS, DEFAULT_LAMBDAS, GENERAL_NORMS, REGULARIZERS, RENAMED_REGULARIZERS
 from dpruner.paths import REPO_ROOT
 from dpruner.validate import load_yaml
 
@@ -105,7 +105,9 @@ class TrainConfig:
     # (Hessian-vector product) | squared_grad: +2*lambda*eta^2*G*g^2 (not a gradient; formerly "paper")
     # | upstream: the original's code | none. See dpruner.importance and docs/DEVIATIONS.md.
     regularizer: str = "anchor"
-    regularizer_lambda: float = 0.1  # lambda, hard-coded 0.1 in the original lomo.py
+    # lambda; null = the form's default (importance.DEFAULT_LAMBDAS: 100 for anchor, chosen on validation
+    # text; the original lomo.py's hard-coded 0.1 for the others), resolved by validate()
+    regularizer_lambda: float | None = None
     general_importance_norm: str = "auto"  # ours: matrix_mean (G / mean per matrix: scale-free lambda) | none; auto = none for upstream
     anchor_step: str = "proximal"  # ours: proximal (implicit step, stable for any G) | explicit (plain SGD on the term)
     importance_formula: str = "paper"  # paper: |g*w + (g*w)^2/2| | upstream: |g*w + (g*w)^2/2000 + w^3|
@@ -142,6 +144,8 @@ class TrainConfig:
         for key in positive:
             if getattr(self, key) < 1:
                 raise DPrunerError(f"{where}: {key} must be >= 1, got {getattr(self, key)}")
+        if self.regularizer_lambda is None:  # recorded resolved, so config.yaml says which lambda ran
+            self.regularizer_lambda = DEFAULT_LAMBDAS[self.regularizer]
         ranges = {"learning_rate": (0, None), "weight_decay": (0, None), "warmup": (0, 1),
                   "regularizer_lambda": (0, None), "upstream_regularizer_divisor": (0, None),
                   "upstream_importance_divisor": (0, None), "initial_loss_scale": (1, None)}

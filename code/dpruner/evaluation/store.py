@@ -1,0 +1,97 @@
+"""A store of finished table rows that outlives the run which made them.
+
+A `--standard` table takes more CPU hours than one working session has, so its rows are kept in a
+folder that is committed (results/<domain>-standard) and a later run, on another day or machine,
+skips them. Two rules make such a table trustworthy:
+- a row enters the store only whole (every task of one build of its model), by one rename;
+- no dataset text enters it: generation rows keep their per-example ROUGE scores (all the tables'
+  bootstrap needs) but not the reference or the generated text.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from dpruner import cli
+from dpruner.errors import DPrunerError
+from dpruner.io import read_json, write_json
+
+TEXT_KEYS = ("reference", "prediction")  # free text in generation examples (runner._run_generation)
+ROWS_FILE = "rows.tsv"
+
+
+def _without_text(row: dict[str, Any]) -> dict[str, Any]:
+    """Generation examples (the ones with a reference) lose their texts; choice labels are kept."""
+    if "reference" not in row:
+        return row
+    return {key: value for key, value in row.items() if key not in TEXT_KEYS}
+
+
+def _copy_row(staging: Path, target: Path, names: Sequence[str]) -> None:
+    target.mkdir(parents=True)
+    for name in names:
+        result = read_json(staging / f"{name}.json")
+        examples = staging / f"{name}.examples.jsonl"
+        if examples.is_file():
+            rows = [_without_text(json.loads(line)) for line in examples.read_text(encoding="utf-8").splitlines()]
+            (target / examples.name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                                encoding="utf-8")
+            result["examples_file"] = examples.name
+        write_json(target / f"{name}.json", result)
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (rows from two machines of one kind can differ: docs/RESULTS.md section 10)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def publish_row(staging: Path, store: Path, label: str, names: Sequence[str], commit: str = "unknown") -> Path:
+    """Copy row `label` (the results `names` in `staging`) into `store/label` at once, and log where it
+    was made in store/rows.tsv. Refuses an incomplete row and a row the store already has."""
+    missing = [name for name in names if not (staging / f"{name}.json").is_file()]
+    if missing:
+        raise DPrunerError(f"row {label} in {staging} lacks {', '.join(missing)}; it is not published")
+    target = store / label
+    if target.exists():
+        raise DPrunerError(f"{target} already exists; a finished row is never replaced")
+    partial = store / f".{label}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    _copy_row(staging, partial, names)
+    partial.rename(target)
+    first = read_json(target / f"{names[0]}.json")
+    seconds = sum(float(read_json(target / f"{n}.json").get("seconds", {}).get("total", 0.0)) for n in names)
+    threads = first.get("settings", {}).get("torch_threads", "?")
+    capability = first.get("versions", {}).get("cpu_capability", "?")
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    with open(store / ROWS_FILE, "a", encoding="utf-8") as log:
+        log.write(f"{label}\t{when}\t{commit}\t{_cpu_model()} ({capability})\t{threads} threads\t{seconds:.0f} s\n")
+    return target
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = cli.make_parser("Copy one finished row into a store of rows (docs/RESULTS.md section 11).",
+                             prog="python -m dpruner.evaluation.store")
+    parser.add_argument("staging", type=Path, help="the row's folder of <task>.json results")
+    parser.add_argument("store", type=Path, help="the store (e.g. results/legal-standard)")
+    parser.add_argument("label", help="the row's label")
+    parser.add_argument("names", nargs="+", help="the result names that make the row whole")
+    parser.add_argument("--commit", default="unknown", help="the code's git commit, for rows.tsv")
+    args = parser.parse_args(argv)
+    target = publish_row(args.staging, args.store, args.label, args.names, args.commit)
+    print(f"[row] {args.label} -> {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -40,15 +40,16 @@ source "$(dirname "$0")/_settings.sh"
 
 CALIBRATION=(--nsamples "$NSAMPLES" --seqlen "$SEQLEN" --windowing "$WINDOWING")
 # Display order of the table. Rows are built and evaluated one at a time in EVAL_ORDER: the rows the
-# evaluation issue ranks first, then the seeds, then the extra ablations, so a run stopped by
-# STOP_AFTER_MIN (minutes; no new row starts after it) has the most useful rows.
+# evaluation issue asks for first, then the seeds, then the extra ablations, so a run stopped by
+# STOP_AFTER_MIN (minutes; no new row starts after it) has the most useful rows: first the three the
+# evaluation issue's target compares (SparseGPT, MixCal, D-Pruner-OBS), then D-Pruner and dense.
 ROWS="dense magnitude sparsegpt wanda llm-pruner mixcal dpruner-matrix dpruner-iterative dpruner-upstream
 dpruner-squared-grad dpruner-obs dpruner-obs-saliency dpruner-noreg general-only domain-only"
 ROWS="$(echo $ROWS)"
 UNSTRUCTURED="${ROWS/dense /}"; UNSTRUCTURED="${UNSTRUCTURED/llm-pruner /}"
 SEED_ROWS=""
 for seed in ${SEEDS:-}; do SEED_ROWS="$SEED_ROWS sparsegpt~seed$seed mixcal~seed$seed dpruner-matrix~seed$seed dpruner-obs~seed$seed"; done
-EVAL_ORDER="dense sparsegpt mixcal dpruner-obs dpruner-matrix wanda magnitude dpruner-upstream dpruner-squared-grad
+EVAL_ORDER="sparsegpt mixcal dpruner-obs dpruner-matrix dense wanda magnitude dpruner-upstream dpruner-squared-grad
 $SEED_ROWS dpruner-iterative llm-pruner dpruner-obs-saliency dpruner-noreg general-only domain-only"
 # The original code's formulas (config/args_lomo_upstream.yaml's D-Pruner keys) on this run's settings.
 UPSTREAM_FORM="regularizer=upstream importance_formula=upstream importance_accumulate=upstream loss_scale=65536

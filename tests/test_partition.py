@@ -16,6 +16,9 @@ from dpruner.importance import DualImportance, ImportanceSettings, projection_ta
 from dpruner.lomo import Lomo, local_part
 
 WORLD = 2
+# fp32 kernels round a slice and a whole tensor differently: the scores differ by up to 1.8e-6
+# relative on a 2-core AMD EPYC after 3 steps (1e-6 held on an Intel Xeon); a wrong partition is off by O(1).
+SCORE_RTOL = 1e-5
 FORMS = {"anchor": ImportanceSettings("anchor", 0.1),
          "upstream": ImportanceSettings("upstream", 0.1, "upstream", "upstream")}
 
@@ -87,7 +90,8 @@ def worker(rank: int, port: int) -> None:
             full = got.layer_scores(1)
             if rank == 0:
                 for module, value in expected.layer_scores(1)[0].items():
-                    torch.testing.assert_close(full[0][module], value, rtol=1e-6, atol=1e-9, msg=module)
+                    torch.testing.assert_close(full[0][module], value, rtol=SCORE_RTOL, atol=1e-9,
+                                               msg=lambda m, module=module: f"{module}: {m}")
             else:
                 assert full is None
             # fp32 G and score (and W0 for anchor) per weight; rank 0 holds 18 of each projection's 35
@@ -99,7 +103,7 @@ def worker(rank: int, port: int) -> None:
             for name in got.targets:
                 whole = expected.scores[name]  # replicated: the full scores on every rank
                 torch.testing.assert_close(local_part(sliced.get_parameter(name), whole), got.scores[name],
-                                           rtol=1e-6, atol=1e-9, msg=name)
+                                           rtol=SCORE_RTOL, atol=1e-9, msg=name)
     finally:
         dist.destroy_process_group()
 

@@ -143,7 +143,7 @@ for label in $EVAL_ORDER; do
     target="$OUT/models/$label"; [ "$label" = dense ] && target="$MODEL"
     evaluate_model "$label" "$target"
 done
-DONE_ROWS="$(for label in $ROWS; do row_done "$label" && echo "$label"; done | tr '\n' , | sed 's/,$//')"
+DONE_ROWS="$(for label in $ROWS; do if row_done "$label"; then echo "$label"; fi; done | tr '\n' , | sed 's/,$//')"
 [ -n "$DONE_ROWS" ] || { echo "no row is finished yet; rerun to continue"; exit 0; }
 "$PY" code/make_tables.py "$EVAL_STORE" --domain "$DOMAIN" --labels "$DONE_ROWS" --reference sparsegpt \
     --md "$OUT/table_full.md" --csv "$OUT/table_full.csv" > /dev/null

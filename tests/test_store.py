@@ -9,6 +9,7 @@ import pytest
 
 from dpruner.errors import DPrunerError
 from dpruner.evaluation.store import ROWS_FILE, publish_row
+from dpruner.paths import REPO_ROOT
 from dpruner.tables import load_results
 
 
@@ -19,7 +20,8 @@ def staged_row(folder: Path) -> Path:
                                                      "settings": {"torch_threads": 2},
                                                      "versions": {"cpu_capability": "AVX512"}}))
     (folder / "billsum.examples.jsonl").write_text(
-        json.dumps({"id": "b1", "prediction": "generated text", "reference": "the bill's summary", "rouge1": 0.3})
+        json.dumps({"id": f"{REPO_ROOT}/data/billsum_test.txt:1", "prediction": "generated text",
+                    "reference": "the bill's summary", "rouge1": 0.3})
         + "\n")
     (folder / "casehold.json").write_text(json.dumps({"metrics": {"accuracy": 0.5}, "seconds": {"total": 3.0}}))
     (folder / "casehold.examples.jsonl").write_text(
@@ -33,7 +35,7 @@ def test_publish_row_drops_generation_text_and_keeps_scores(tmp_path):
     store.mkdir()
     target = publish_row(staging, store, "sparsegpt", ["billsum", "casehold"], commit="abc123")
     generation = json.loads((target / "billsum.examples.jsonl").read_text())
-    assert generation == {"id": "b1", "rouge1": 0.3}
+    assert generation == {"id": "data/billsum_test.txt:1", "rouge1": 0.3}  # no checkout path
     choice = json.loads((target / "casehold.examples.jsonl").read_text())
     assert choice == {"id": "c1", "label": "2", "prediction": "2", "scores": [0.1, 0.2]}
     assert json.loads((target / "billsum.json").read_text())["examples_file"] == "billsum.examples.jsonl"

@@ -97,8 +97,11 @@ def test_deepspeed_zero3_equals_plain_pytorch(form, stage2_inputs, tmp_path):
     }
     if form == "upstream":  # the 1-process pair is the anchor case's; here the partitioned pair only
         runs = {name: runs[name] for name in ("torchrun2", "ds2")}
+    # lambda 0.1, not anchor's default 100: at 100 the weights still agree to 1e-6, but their rounding
+    # differences move near-0 scores by up to 1.5e-4 of a matrix's largest (seen on a 2-core AMD EPYC).
     for name, (launcher, extra) in runs.items():
-        result = launch(launcher, overrides(model, general, tmp_path / name, regularizer=form, **extra))
+        result = launch(launcher, overrides(model, general, tmp_path / name, regularizer=form, regularizer_lambda=0.1,
+                                            **extra))
         assert result.returncode == 0, f"{name}: {result.stdout[-2000:]} {result.stderr[-3000:]}"
     summary = {name: json.loads((tmp_path / name / "summary.json").read_text()) for name in runs}
     assert summary["ds2"]["zero3"] and summary["ds2"]["world_size"] == 2

@@ -20,16 +20,23 @@ from typing import Any, Sequence
 from dpruner import cli
 from dpruner.errors import DPrunerError
 from dpruner.io import read_json, write_json
+from dpruner.paths import REPO_ROOT
 
 TEXT_KEYS = ("reference", "prediction")  # free text in generation examples (runner._run_generation)
 ROWS_FILE = "rows.tsv"
+CHECKOUT = f"{REPO_ROOT}/"
 
 
-def _without_text(row: dict[str, Any]) -> dict[str, Any]:
-    """Generation examples (the ones with a reference) lose their texts; choice labels are kept."""
-    if "reference" not in row:
-        return row
-    return {key: value for key, value in row.items() if key not in TEXT_KEYS}
+def _stored_example(row: dict[str, Any]) -> dict[str, Any]:
+    """Generation examples (the ones with a reference) lose their texts; choice labels are kept. An id
+    that names a file of this checkout ("/abs/repo/legal_pruning_data/...:1") loses the checkout's
+    path, so rows made in two checkouts pair on the same ids."""
+    if "reference" in row:
+        row = {key: value for key, value in row.items() if key not in TEXT_KEYS}
+    example_id = row.get("id")
+    if isinstance(example_id, str) and example_id.startswith(CHECKOUT):
+        row = {**row, "id": example_id[len(CHECKOUT):]}
+    return row
 
 
 def _copy_row(staging: Path, target: Path, names: Sequence[str]) -> None:
@@ -38,7 +45,7 @@ def _copy_row(staging: Path, target: Path, names: Sequence[str]) -> None:
         result = read_json(staging / f"{name}.json")
         examples = staging / f"{name}.examples.jsonl"
         if examples.is_file():
-            rows = [_without_text(json.loads(line)) for line in examples.read_text(encoding="utf-8").splitlines()]
+            rows = [_stored_example(json.loads(line)) for line in examples.read_text(encoding="utf-8").splitlines()]
             (target / examples.name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
                                                 encoding="utf-8")
             result["examples_file"] = examples.name

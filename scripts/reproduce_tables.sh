@@ -39,10 +39,10 @@ ARGS=("$@")
 source "$(dirname "$0")/_settings.sh"
 
 CALIBRATION=(--nsamples "$NSAMPLES" --seqlen "$SEQLEN" --windowing "$WINDOWING")
-# Display order of the table. Rows are built and evaluated one at a time in EVAL_ORDER: the rows the
-# evaluation issue asks for first, then the seeds, then the extra ablations, so a run stopped by
-# STOP_AFTER_MIN (minutes; no new row starts after it) has the most useful rows: first the three the
-# evaluation issue's target compares (SparseGPT, MixCal, D-Pruner-OBS), then D-Pruner and dense.
+# ROWS is the table's display order. Rows are built and evaluated one at a time in EVAL_ORDER, so a run
+# stopped by STOP_AFTER_MIN (minutes; no new row starts after it) has the most useful ones: the three the
+# evaluation issue's target compares (SparseGPT, MixCal, D-Pruner-OBS), D-Pruner and dense, the other
+# methods it asks for, the seeds, then the extra ablations.
 ROWS="dense magnitude sparsegpt wanda llm-pruner mixcal dpruner-matrix dpruner-iterative dpruner-upstream
 dpruner-squared-grad dpruner-obs dpruner-obs-saliency dpruner-noreg general-only domain-only"
 ROWS="$(echo $ROWS)"
@@ -89,10 +89,8 @@ seed_stage1() {
 }
 seed_stage2() {
     seed_stage1 "$1"
-    if grep -qs '"complete": true' "$OUT/lomo~seed$1/trainer_state.json"; then return; fi
-    # shellcheck disable=SC2086
-    $LAUNCHER code/src/train_lomo.py "$CONFIG" domain="$DOMAIN" model_name_or_path="$MODEL" deepspeed="$DS_CONFIG" \
-        general_importance_dir="$OUT/general_importance~seed$1" output_dir="$OUT/lomo~seed$1" seed="$1" $TRAIN_ARGS
+    # the later general_importance_dir= wins over run_stage2's own (config.load_config applies them in order)
+    run_stage2 "lomo~seed$1" general_importance_dir="$OUT/general_importance~seed$1" seed="$1"
 }
 # build_row LABEL: what LABEL's model needs, beyond scripts/pipeline.sh's stages 1-3, unless it is there.
 build_row() {

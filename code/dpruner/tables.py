@@ -144,7 +144,7 @@ def load_results(folder: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
         raise DPrunerError(f"results folder {folder} does not exist")
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for path in sorted(folder.glob("*/*.json")):
-        if path.parent.name.startswith("."):  # a row still being copied in (scripts/_settings.sh)
+        if path.parent.name.startswith("."):  # a row still being copied in (io.atomic_dir's hidden folder)
             continue
         result = read_json(path)
         examples = path.with_name(f"{path.stem}.examples.jsonl")

@@ -9,7 +9,6 @@ the end (per-example JSONL first, then the result JSON), so a failed run leaves 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +30,7 @@ from dpruner.evaluation.metrics import accuracy, macro_f1, rouge
 from dpruner.evaluation.perplexity import sliding_windows, window_perplexity
 from dpruner.export import REPORT_NAME, sparsity_report, versions
 from dpruner.guard import Output, model_input, model_inputs, protect
-from dpruner.io import atomic_path, read_json, write_json
+from dpruner.io import read_json, write_json, write_jsonl
 from dpruner.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model
 
 FAMILIES = ("perplexity", "choice", "generation")
@@ -280,11 +279,6 @@ def examples_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}.examples.jsonl")
 
 
-def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-
-
 def main(task: Task, description: str, argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Parse, check, load, evaluate, write `--out` (and its .examples.jsonl), print one summary line."""
     started = time.perf_counter()
@@ -319,7 +313,7 @@ def main(task: Task, description: str, argv: Sequence[str] | None = None, prog: 
     }
     if outcome.examples:
         result["examples_file"] = str(examples_path(out))
-        _write_jsonl(examples_path(out), outcome.examples)
+        write_jsonl(examples_path(out), outcome.examples)
     result["seconds"]["total"] = round(time.perf_counter() - started, 3)
     write_json(out, result)
     sparsity = loaded.sparsity.get("overall_sparsity")

@@ -10,16 +10,15 @@ skips them. Two rules make such a table trustworthy:
 
 from __future__ import annotations
 
-import json
 import platform
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
 from dpruner import cli
 from dpruner.errors import DPrunerError
-from dpruner.io import read_json, write_json
+from dpruner.data.files import read_jsonl
+from dpruner.io import atomic_dir, read_json, write_json, write_jsonl
 from dpruner.paths import REPO_ROOT
 
 TEXT_KEYS = ("reference", "prediction")  # free text in generation examples (runner._run_generation)
@@ -39,17 +38,18 @@ def _stored_example(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _copy_row(staging: Path, target: Path, names: Sequence[str]) -> None:
-    target.mkdir(parents=True)
+def _copy_row(staging: Path, target: Path, names: Sequence[str]) -> list[dict[str, Any]]:
+    """The row's results (and their examples, as stored) into `target`; returns the results."""
+    results = []
     for name in names:
         result = read_json(staging / f"{name}.json")
         examples = staging / f"{name}.examples.jsonl"
         if examples.is_file():
-            rows = [_stored_example(json.loads(line)) for line in examples.read_text(encoding="utf-8").splitlines()]
-            (target / examples.name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                                                encoding="utf-8")
+            write_jsonl(target / examples.name, [_stored_example(row) for row in read_jsonl(examples)])
             result["examples_file"] = examples.name
         write_json(target / f"{name}.json", result)
+        results.append(result)
+    return results
 
 
 def _cpu_model() -> str:
@@ -72,12 +72,10 @@ def publish_row(staging: Path, store: Path, label: str, names: Sequence[str], co
     target = store / label
     if target.exists():
         raise DPrunerError(f"{target} already exists; a finished row is never replaced")
-    partial = store / f".{label}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    _copy_row(staging, partial, names)
-    partial.rename(target)
-    first = read_json(target / f"{names[0]}.json")
-    seconds = sum(float(read_json(target / f"{n}.json").get("seconds", {}).get("total", 0.0)) for n in names)
+    with atomic_dir(target) as partial:  # a hidden folder beside target until it is whole
+        results = _copy_row(staging, partial, names)
+    first = results[0]
+    seconds = sum(float(result.get("seconds", {}).get("total", 0.0)) for result in results)
     threads = first.get("settings", {}).get("torch_threads", "?")
     capability = first.get("versions", {}).get("cpu_capability", "?")
     when = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Sweeps: domain quality against sparsity for several pruning methods (`sparsity`), or against D-Pruner's
-stage-2 regularizer weight lambda (`lambda`: stage 2 per lambda, then save_model.py per sparsity).
+stage-2 regularizer weight lambda (`lambda`: stage 2 per regularizer form and lambda, then save_model.py
+per sparsity; lambda = 0 is one run without a regularizer, shared by every form).
 
 Every point is pruned and evaluated by this project's CLIs run as subprocesses (prune_baseline.py /
 train_lomo.py + save_model.py, then the evaluation CLIs), so a point is exactly what you would run by hand.
@@ -11,7 +12,8 @@ Writes to --out: results.csv (one row per point, rewritten after each), table.md
 pareto.png (domain ppl and accuracy against sparsity, the Pareto front of high sparsity / low ppl circled),
 eval/<point>/<task>.json, reports/<point>.json (pruning reports), logs/<point>.log, recipes/<point>.json;
 the lambda sweep adds each point's mask Jaccard against lambda = 0 (jaccard/<point>.json, a results.csv
-column) and tradeoff.png (domain ppl against general ppl, one point per lambda, with 95 % intervals).
+column) and tradeoff.png (domain ppl against general ppl, one curve per form through its lambdas, with 95 %
+intervals).
 A rerun resumes: finished points are reused, and one recorded with other settings is an error (--fresh
 starts over; the lists of methods, sparsities and lambdas may change). Pruned models (540 MB each for the
 embedded model) are deleted after their evaluation unless --keep-models.
@@ -21,9 +23,9 @@ Examples:
       --sparsities 0.1,0.3,0.5,0.7 --scores outputs/legal/lomo/importance --out outputs/sweeps/legal-sparsity
   python code/sweep.py lambda smollm2-135m --domain legal --lambdas 0,0.01,0.1,1 --sparsity 0.5 \\
       --general-importance outputs/legal/general_importance --out outputs/sweeps/legal-lambda
-  python code/sweep.py lambda smollm2-135m --domain legal --split validation --lambdas 0,0.01,0.1,1,10 \\
-      --train-args "regularizer=anchor" --general-importance outputs/quickstart/general_importance \\
-      --out outputs/sweeps/legal-lambda-anchor   # + mask_jaccard_vs_lambda0 and tradeoff.png
+  python code/sweep.py lambda smollm2-135m --domain legal --split validation --lambdas 0,0.1,10,1000 \\
+      --forms anchor,squared_grad --general-importance outputs/quickstart/general_importance \\
+      --out outputs/sweeps/legal-lambda-validation   # + mask_jaccard_vs_lambda0 and tradeoff.png
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ def build_parser():
     sparsity.add_argument("--sparsity-profile", choices=PROFILES, default="uniform",
                           help="prune_baseline.py --sparsity-profile for every method (owl: OWL block sparsities)")
     lam.add_argument("--lambdas", default="0,0.01,0.1,1", help="comma-separated regularizer weights, each >= 0")
+    lam.add_argument("--forms", default="anchor",
+                     help="comma-separated stage-2 regularizer forms, each run at every lambda but 0: "
+                          "anchor, grad_penalty, squared_grad, upstream (dpruner.importance)")
     lam.add_argument("--sparsity", "--sparsities", dest="sparsities", default="0.5",
                      help="comma-separated sparsities the masks are saved at (stage 2 runs once per lambda)")
     lam.add_argument("--general-importance", required=True, metavar="DIR", help="stage-1 output (code/general.py)")
@@ -112,6 +117,7 @@ def to_config(args: Namespace) -> SweepConfig:
                            sparsity_profile=args.sparsity_profile)
     launcher = [sys.executable] if args.launcher == "python" else shlex.split(args.launcher)
     return SweepConfig(**common, lambdas=parse_list(args.lambdas, "--lambdas", number=True),
+                       forms=parse_list(args.forms, "--forms"),
                        general_importance=cli.resolve_out(args.general_importance),
                        train_args=shlex.split(args.train_args), launcher=launcher)
 

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The evaluation issue's choices, made on VALIDATION text only (the domain's validation text, WikiText-2
 # validation, held-out C4), never on test numbers; resumable (rerun to continue):
-#  1. the lambda sweep: for each regularizer form, stage 2 at every lambda and a per-matrix mask at
-#     SPARSITY, with each mask's Jaccard against lambda = 0 and the trade-off plot
-#     (code/sweep.py lambda --split validation) -> OUT/DOMAIN-lambda-FORM;
+#  1. the lambda sweep: stage 2 for each regularizer form at every lambda (lambda = 0 once, without a
+#     regularizer, shared by the forms) and a per-matrix mask at SPARSITY, with each mask's Jaccard against
+#     lambda = 0 and the trade-off plot (code/sweep.py lambda --split validation) -> OUT/DOMAIN-lambda;
 #  2. D-Pruner-OBS's selection (the fixed dual mask, or dual importance as the OBS ranking) next to
 #     SparseGPT, MixCal and D-Pruner, on OBS_SCORES (default: the anchor form's stage 2 at its default lambda 100)
 #     -> OUT/DOMAIN-obs-selection.
 #
 # Usage: bash scripts/validation_sweeps.sh [legal|medical] [OUT]      (default: legal, outputs/sweeps)
-# Environment: FORMS ("anchor squared_grad upstream grad_penalty"), LAMBDAS (0,0.01,0.1,1,10,100,1000),
+# Environment: FORMS ("anchor squared_grad upstream grad_penalty"), LAMBDAS (0,0.1,10,1000,100000,10000000:
+#   8 decades, since the forms differ in scale by orders of magnitude),
 #   SPARSITY (0.5), GENERAL_IMPORTANCE (stage 1 on 16 x 256 C4 windows, made if missing),
 #   TRAIN_ARGS (the quickstart's stage-2 size; one process without DeepSpeed, which grad_penalty needs),
 #   EVAL_ARGS (sweep.py evaluation sizes), OBS_SCORES (step 2's stage-2 importance folder),
@@ -23,7 +24,7 @@ case "$DOMAIN" in
     medical) : "${TRAIN_ARGS:=pubmedqa_examples=24 hqs_examples=16}" ;;
     *) echo "error: first argument must be legal or medical, got '$DOMAIN'" >&2; exit 2 ;;
 esac
-: "${FORMS:=anchor squared_grad upstream grad_penalty}" "${LAMBDAS:=0,0.01,0.1,1,10,100,1000}" "${SPARSITY:=0.5}"
+: "${FORMS:=anchor squared_grad upstream grad_penalty}" "${LAMBDAS:=0,0.1,10,1000,100000,10000000}" "${SPARSITY:=0.5}"
 : "${GENERAL_IMPORTANCE:=$OUT/general_importance}" "${STEPS:=lambda obs}"
 case " $STEPS " in *" lambda "*|*" obs "*) ;; *) echo "error: STEPS='$STEPS' names neither 'lambda' nor 'obs'" >&2; exit 2 ;; esac
 : "${EVAL_ARGS:=--ppl-limit 100 --wiki-limit 600}"
@@ -31,16 +32,16 @@ GENERAL_IMPORTANCE="$(realpath -m "$GENERAL_IMPORTANCE")"
 if ! grep -qs '"complete": true' "$GENERAL_IMPORTANCE/manifest.json"; then
     "$PY" code/general.py smollm2-135m c4 --sparsity "$SPARSITY" --nsamples 16 --seqlen 256 --out "$GENERAL_IMPORTANCE"
 fi
-case " $STEPS " in *" lambda "*) ;; *) FORMS="" ;; esac
-for form in $FORMS; do
+case " $STEPS " in *" lambda "*)
+    read -r -a forms <<< "$FORMS"
     # shellcheck disable=SC2086
     "$PY" code/sweep.py lambda smollm2-135m --domain "$DOMAIN" --split validation --lambdas "$LAMBDAS" \
-        --sparsity "$SPARSITY" --general-importance "$GENERAL_IMPORTANCE" $EVAL_ARGS \
-        --train-args "regularizer=$form deepspeed=null data_max_length=256 per_device_train_batch_size=4 $TRAIN_ARGS" \
-        --out "$OUT/$DOMAIN-lambda-$form"
-done
+        --forms "$(IFS=,; echo "${forms[*]}")" --sparsity "$SPARSITY" --general-importance "$GENERAL_IMPORTANCE" \
+        $EVAL_ARGS --train-args "deepspeed=null data_max_length=256 per_device_train_batch_size=4 $TRAIN_ARGS" \
+        --out "$OUT/$DOMAIN-lambda" ;;
+esac
 case " $STEPS " in *" obs "*) ;; *) exit 0 ;; esac
-OBS_SCORES="${OBS_SCORES:-$OUT/$DOMAIN-lambda-anchor/lomo/lambda100.0/importance}"
+OBS_SCORES="${OBS_SCORES:-$OUT/$DOMAIN-lambda/lomo/anchor-lambda100.0/importance}"
 # shellcheck disable=SC2086
 "$PY" code/sweep.py sparsity smollm2-135m --domain "$DOMAIN" --split validation \
     --methods sparsegpt,mixcal,dpruner,dpruner-obs,dpruner-obs-saliency --sparsities "$SPARSITY" \

@@ -20,7 +20,7 @@ from dpruner.lomo import Lomo
 from dpruner.masks import lowest_k
 from dpruner.methods import get_method
 from dpruner.obs import obs_prune
-from dpruner.sweep import Point, SweepConfig
+from dpruner.sweep import SweepConfig
 from dpruner.trainer import lr_at
 from reliability import debris
 from test_obs import correlated_inputs
@@ -85,11 +85,12 @@ def test_lr_schedule_warms_up_linearly_then_decays_to_zero():
 def test_lambda_sweep_masks_the_base_model_with_its_own_importance(tmp_path):
     config = SweepConfig(kind="lambda", model="base-model", domain="legal", out=tmp_path, sparsities=[0.5],
                          lambdas=[0.1], general_importance=tmp_path / "gi")
-    command = config.prune_command(Point("lambda0.1-s0.5", "dpruner", 0.5, 0.1), tmp_path / "pruned")
+    point = config.points()[1]
+    command = config.prune_command(point, tmp_path / "pruned")
     assert Path(command[1]).name == "save_model.py"
     model, importance, target = command[2:5]
     assert model == "base-model"  # the ORIGINAL weights, never a stage-2 checkpoint
-    assert Path(importance) == config.stage2_dir(0.1) / "importance"
+    assert Path(importance) == config.stage2_dir(point.stage2) / "importance"
     assert target == str(tmp_path / "pruned")
 
 

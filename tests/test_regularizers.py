@@ -50,6 +50,23 @@ def test_anchor_term_is_exactly_zero_at_step_one(stored, anchor_step, tmp_path, 
             assert torch.equal(returned, g), name
 
 
+@pytest.mark.parametrize("form", ["anchor", "squared_grad", "upstream"])
+def test_every_form_at_lambda_zero_is_no_regularizer(form):
+    """The lambda sweep runs lambda = 0 once, as `none`, for every form: each hook form at lambda = 0 must
+    score and apply exactly the plain gradient, also where W != W0 and G is large."""
+    model = make_tiny_llama(seed=5)
+    named = dict(model.named_parameters())
+    general = random_general(model, scale=1e6)
+    anchors = {n: named[n].detach().clone() + 0.01 for n in general} if form == "anchor" else None
+    callback = DualImportance(ImportanceSettings(form, 0.0), named, general, anchors)
+    gen = torch.Generator().manual_seed(1)
+    for name in general:
+        g = torch.randn(named[name].shape, generator=gen)
+        refined = g.clone()
+        returned = callback(name, named[name], refined, context(step=3))
+        assert torch.equal(refined, g) and torch.equal(returned, g), name
+
+
 def test_proximal_anchor_step_solves_the_implicit_equation():
     """W' = W - eta (grad L(W) + 2 lambda G (W' - W0)): the implicit step, checked with autograd's
     gradient of the plain loss; it stays finite where the explicit step would overshoot (eta*lambda*G > 1)."""

@@ -122,6 +122,10 @@ BAD_LAMBDA_INPUTS = {
     "negative lambda": (["--lambdas", "0,-0.1"], "lambda must be >= 0, got -0.1"),
     "empty lambdas": (["--lambdas", ""], "--lambdas is empty"),
     "reserved train arg": (["--train-args", "output_dir=/tmp/x"], "--train-args sets output_dir"),
+    "form in train args": (["--train-args", "regularizer=upstream"], "--train-args sets regularizer,"),
+    "unknown form": (["--forms", "anchor,paper"], "--forms: unknown regularizer form 'paper'"),
+    "none as a form": (["--forms", "none"], "--forms: unknown regularizer form 'none'"),
+    "form twice": (["--forms", "anchor,anchor"], "--forms lists a value twice"),
     "unknown train arg": (["--train-args", "learning_rat=0.1"], "did you mean 'learning_rate'?"),
 }
 
@@ -155,20 +159,50 @@ def test_foreign_out_folder_is_refused_even_with_fresh(tiny_llama_dir, tmp_path)
     assert "holds no sweep.json" in line and (tmp_path / "keep.txt").exists()
 
 
-def test_lambda_sweep_runs_stage2_per_lambda_and_masks_per_sparsity(tmp_path):
+def test_lambda_sweep_runs_stage2_per_form_and_lambda_and_masks_per_sparsity(tmp_path):
     config = SweepConfig(kind="lambda", model="m", domain="medical", out=tmp_path, sparsities=[0.4, 0.6],
-                         lambdas=[0.0, 1.0], general_importance=tmp_path / "gi", train_args=["max_steps=2"])
+                         lambdas=[0.0, 1.0], forms=["anchor", "upstream"], general_importance=tmp_path / "gi",
+                         train_args=["max_steps=2"])
     points = config.points()
-    assert [p.label for p in points] == ["dense", "lambda0.0-s0.4", "lambda0.0-s0.6", "lambda1.0-s0.4",
-                                           "lambda1.0-s0.6"]
-    assert config.stage2_overrides(1.0)[-2:] == ["max_steps=2", "regularizer_lambda=1.0"]
-    command = config.prune_command(Point("lambda1.0-s0.6", "dpruner", 0.6, 1.0), tmp_path / "model")
+    assert [p.label for p in points] == ["dense", "lambda0.0-s0.4", "lambda0.0-s0.6", "anchor-lambda1.0-s0.4",
+                                           "anchor-lambda1.0-s0.6", "upstream-lambda1.0-s0.4", "upstream-lambda1.0-s0.6"]
+    runs = config.stage2_runs()
+    assert [run.name for run in runs] == ["lambda0.0", "anchor-lambda1.0", "upstream-lambda1.0"]
+    assert config.stage2_overrides(runs[0])[-3:] == ["max_steps=2", "regularizer=none", "regularizer_lambda=0.0"], \
+        "lambda = 0 is one run without a regularizer, shared by the forms"
+    assert config.stage2_overrides(runs[2])[-2:] == ["regularizer=upstream", "regularizer_lambda=1.0"]
+    command = config.prune_command(points[-1], tmp_path / "model")
     assert command[1].endswith("save_model.py")
-    importance = tmp_path / "lomo" / "lambda1.0" / "importance"
+    importance = tmp_path / "lomo" / "upstream-lambda1.0" / "importance"
     assert command[3:] == [str(importance), str(tmp_path / "model"), "--sparsity", "0.6"]
     assert config.tasks() == ["medical_perplexity", "pubmedqa", "general_perplexity"]
-    paths = {config.stage2_recipe_path(lam) for lam in (0.0, 0.01, 0.1, 1.0)}
-    assert len(paths) == 4, "every lambda has its own stage-2 recipe file"
+    many = SweepConfig(kind="lambda", model="m", domain="medical", out=tmp_path, sparsities=[0.5],
+                       lambdas=[0.0, 0.01, 0.1, 1.0], forms=["anchor", "squared_grad"], general_importance=tmp_path)
+    paths = {many.stage2_recipe_path(run) for run in many.stage2_runs()}
+    assert len(paths) == 7, "every (form, lambda) has its own stage-2 recipe file"
+    assert many.recipe(many.points()[1])["stage2"]["regularizer"] == "none"
+
+
+def test_every_form_passes_the_stage2_config_check(tiny_llama_dir, scores_dir, tmp_path):
+    config = SweepConfig(kind="lambda", model=str(tiny_llama_dir), domain="legal", out=tmp_path, sparsities=[0.5],
+                         lambdas=[0.0, 1.0], forms=["anchor", "grad_penalty", "squared_grad", "upstream"],
+                         general_importance=scores_dir)
+    config.check()
+
+
+def test_tradeoff_curves_start_every_form_at_the_shared_lambda0():
+    from dpruner.sweep import tradeoff_curves
+
+    def row(form, lam, sparsity=0.5):
+        return {"method": "dpruner", "form": form, "lambda": lam, "sparsity": sparsity}
+
+    rows = [{"method": "dense", "form": "", "lambda": "", "sparsity": 0.0}, row("none", 0.0),
+            row("upstream", 10.0), row("anchor", 10.0), row("anchor", 0.1), row("none", 0.0, 0.6)]
+    curves = tradeoff_curves(rows, ["anchor", "upstream"])
+    assert list(curves) == [("anchor", 0.5), ("anchor", 0.6), ("upstream", 0.5), ("upstream", 0.6)]
+    assert [(r["form"], r["lambda"]) for r in curves["anchor", 0.5]] == [("none", 0.0), ("anchor", 0.1), ("anchor", 10.0)]
+    assert [(r["form"], r["lambda"]) for r in curves["upstream", 0.5]] == [("none", 0.0), ("upstream", 10.0)]
+    assert [r["lambda"] for r in curves["upstream", 0.6]] == [0.0]
 
 
 def test_validation_split_evaluates_only_validation_texts(tmp_path):
@@ -216,18 +250,19 @@ def test_lambda_jaccard_is_the_pooled_jaccard_of_the_stage3_masks(tmp_path):
 
     config = SweepConfig(kind="lambda", model="m", domain="legal", out=tmp_path, sparsities=[0.5], lambdas=[0.0, 2.0],
                          general_importance=tmp_path / "gi")
+    runs = dict(zip((0.0, 2.0), config.stage2_runs()))
     folders = {}
     for seed, lam in ((3, 0.0), (4, 2.0)):
         generator = torch.Generator().manual_seed(seed)
         layers = [{name: torch.rand(linear.weight.shape, generator=generator)
                    for name, linear in projection_modules(layer).items()} for layer in decoder_layers(make_tiny_llama())]
         folders[lam] = layers
-        save_score_folder(config.stage2_dir(lam) / "importance", layers, kind="dual_importance", model="tiny",
+        save_score_folder(config.stage2_dir(runs[lam]) / "importance", layers, kind="dual_importance", model="tiny",
                           settings={})
     update_lambda_jaccards(config, config.points())
     assert not (tmp_path / "jaccard").exists(), "nothing before stage 2 is complete"
     for lam in folders:
-        (config.stage2_dir(lam) / "trainer_state.json").write_text(json.dumps({"complete": True}))
+        (config.stage2_dir(runs[lam]) / "trainer_state.json").write_text(json.dumps({"complete": True}))
     update_lambda_jaccards(config, config.points())
     shared = union = 0
     for reference, other in zip(folders[0.0], folders[2.0]):
@@ -235,7 +270,7 @@ def test_lambda_jaccard_is_the_pooled_jaccard_of_the_stage3_masks(tmp_path):
             a, b = select(reference[name], 0.5, scope="matrix"), select(other[name], 0.5, scope="matrix")
             shared += int((a & b).sum())
             union += int((a | b).sum())
-    written = json.loads((tmp_path / "jaccard" / "lambda2.0-s0.5.json").read_text())
+    written = json.loads((tmp_path / "jaccard" / "anchor-lambda2.0-s0.5.json").read_text())
     assert written["jaccard"] == pytest.approx(shared / union, rel=1e-12)
     assert json.loads((tmp_path / "jaccard" / "lambda0.0-s0.5.json").read_text())["jaccard"] == 1.0
 

@@ -66,7 +66,10 @@ JACCARD_COLUMN = "mask_jaccard_vs_lambda0"  # lambda sweep: pooled Jaccard of pr
 TRADEOFF_PLOT = "tradeoff.png"
 STAGE2_CONFIGS = {"legal": "config/args_lomo.yaml", "medical": "config/args_lomo_medical.yaml"}
 # Stage-2 keys the lambda sweep sets itself; --train-args must leave them alone.
-STAGE2_RESERVED = ("model_name_or_path", "general_importance_dir", "output_dir", "regularizer_lambda")
+STAGE2_RESERVED = ("model_name_or_path", "general_importance_dir", "output_dir", "regularizer", "regularizer_lambda")
+# lambda = 0 adds nothing whatever the form, so it is one stage-2 run without a regularizer, shared by
+# every form of the sweep as the reference of its Jaccard and of its trade-off curve.
+NO_REGULARIZER = "none"
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,24 @@ class Point:
     method: str  # a prune_baseline.py method, or DENSE
     sparsity: float
     lam: float | None = None  # the lambda sweep's stage-2 regularizer weight
+    form: str = NO_REGULARIZER  # the lambda sweep's regularizer form (none at lambda = 0)
+
+    @property
+    def stage2(self) -> Stage2Run:
+        return Stage2Run(self.form, self.lam)
+
+
+@dataclass(frozen=True)
+class Stage2Run:
+    """One stage-2 run of the lambda sweep: a regularizer form at a lambda (form none at lambda = 0)."""
+
+    form: str
+    lam: float
+
+    @property
+    def name(self) -> str:
+        """Shortest exact lambda, so two different values never share a folder; lambda0.0 has no form."""
+        return f"lambda{self.lam!r}" if self.form == NO_REGULARIZER else f"{self.form}-lambda{self.lam!r}"
 
 
 @dataclass
@@ -118,6 +139,7 @@ class SweepConfig:
     sparsities: list[float]
     methods: list[str] = field(default_factory=list)  # sparsity sweep
     lambdas: list[float] = field(default_factory=list)  # lambda sweep
+    forms: list[str] = field(default_factory=lambda: ["anchor"])  # lambda sweep: regularizer forms
     scores: Path | None = None  # dpruner's score folder (sparsity sweep)
     general_importance: Path | None = None  # stage-1 output (lambda sweep)
     train_args: list[str] = field(default_factory=list)
@@ -172,11 +194,17 @@ class SweepConfig:
 
     def _check_lambda_sweep(self) -> None:
         from dpruner.config import load_config, parse_override
+        from dpruner.importance import REGULARIZERS
 
         _check_list(self.lambdas, "--lambdas")
         negative = [lam for lam in self.lambdas if lam < 0]
         if negative:
             raise DPrunerError(f"--lambdas: lambda must be >= 0, got {negative[0]:g}")
+        _check_list(self.forms, "--forms")
+        forms = [form for form in REGULARIZERS if form != NO_REGULARIZER]
+        unknown = [form for form in self.forms if form not in forms]
+        if unknown:
+            raise DPrunerError(f"--forms: unknown regularizer form {unknown[0]!r}; expected some of {', '.join(forms)}")
         if self.general_importance is None:
             raise DPrunerError("the lambda sweep needs --general-importance DIR (stage-1 output)")
         ScoreSet.open(self.general_importance)
@@ -186,8 +214,9 @@ class SweepConfig:
             key = parse_override(text)[0]
             if key in STAGE2_RESERVED:
                 raise DPrunerError(f"--train-args sets {key}, which the sweep sets itself "
-                                   "(use MODEL, --general-importance, --out, --lambdas)")
-        load_config(REPO_ROOT / STAGE2_CONFIGS[self.domain], self.stage2_overrides(self.lambdas[0]))
+                                   "(use MODEL, --general-importance, --out, --forms, --lambdas)")
+        for run in self.stage2_runs():
+            load_config(REPO_ROOT / STAGE2_CONFIGS[self.domain], self.stage2_overrides(run))
 
     # ---------- what the sweep runs ----------
     def points(self) -> list[Point]:
@@ -196,9 +225,14 @@ class SweepConfig:
         if self.kind == "sparsity":
             points += [Point(f"{m}-s{s!r}", m, s) for m in self.methods for s in self.sparsities]
         else:
-            points += [Point(f"{_lambda_name(lam)}-s{s!r}", LAMBDA_METHOD, s, lam)
-                       for lam in self.lambdas for s in self.sparsities]
+            points += [Point(f"{run.name}-s{s!r}", LAMBDA_METHOD, s, run.lam, run.form)
+                       for run in self.stage2_runs() for s in self.sparsities]
         return points
+
+    def stage2_runs(self) -> list[Stage2Run]:
+        """lambda = 0 once (no regularizer), then every form at every other lambda."""
+        runs = [Stage2Run(NO_REGULARIZER, 0.0)] if 0.0 in self.lambdas else []
+        return runs + [Stage2Run(form, lam) for form in self.forms for lam in self.lambdas if lam]
 
     def recipe(self, point: Point) -> dict[str, Any]:
         """Everything that determines a point's numbers (not how fast they come: batch size, launcher)."""
@@ -210,7 +244,7 @@ class SweepConfig:
             return recipe
         recipe["sparsity"] = point.sparsity
         if point.lam is not None:
-            recipe["stage2"] = self.stage2_recipe(point.lam)
+            recipe["stage2"] = self.stage2_recipe(point.stage2)
         elif point.method == "dpruner":
             recipe["scores"] = str(self.scores)
         elif point.method != "magnitude":
@@ -225,23 +259,25 @@ class SweepConfig:
     def recipe_path(self, point: Point) -> Path:
         return self.out / "recipes" / f"{point.label}.json"
 
-    def stage2_recipe(self, lam: float) -> dict[str, Any]:
-        return {"lambda": lam, "general_importance": str(self.general_importance), "train_args": self.train_args}
+    def stage2_recipe(self, run: Stage2Run) -> dict[str, Any]:
+        return {"regularizer": run.form, "lambda": run.lam, "general_importance": str(self.general_importance),
+                "train_args": self.train_args}
 
-    def stage2_dir(self, lam: float) -> Path:
-        return self.out / "lomo" / _lambda_name(lam)
+    def stage2_dir(self, run: Stage2Run) -> Path:
+        return self.out / "lomo" / run.name
 
-    def stage2_recipe_path(self, lam: float) -> Path:
-        """OUT/lomo/lambda<λ>.json; not with_suffix, which would map lambda0.0 and lambda0.1 to one file."""
-        return self.out / "lomo" / f"{_lambda_name(lam)}.json"
+    def stage2_recipe_path(self, run: Stage2Run) -> Path:
+        """OUT/lomo/<run>.json; not with_suffix, which would map lambda0.0 and lambda0.1 to one file."""
+        return self.out / "lomo" / f"{run.name}.json"
 
-    def stage2_overrides(self, lam: float) -> list[str]:
+    def stage2_overrides(self, run: Stage2Run) -> list[str]:
         return [f"model_name_or_path={self.model}", f"general_importance_dir={self.general_importance}",
-                f"output_dir={self.stage2_dir(lam)}", *self.train_args, f"regularizer_lambda={lam}"]
+                f"output_dir={self.stage2_dir(run)}", *self.train_args, f"regularizer={run.form}",
+                f"regularizer_lambda={run.lam}"]
 
     def prune_command(self, point: Point, target: Path) -> list[str]:
         if point.lam is not None:
-            return _cli("save_model.py", self.model, self.stage2_dir(point.lam) / "importance", target,
+            return _cli("save_model.py", self.model, self.stage2_dir(point.stage2) / "importance", target,
                         "--sparsity", point.sparsity)
         selection = OBS_SELECTION.get(point.method)
         command = _cli("prune_baseline.py", "dpruner-obs" if selection else point.method, self.model, target,
@@ -280,11 +316,6 @@ def _check_list(values: Sequence[Any], option: str) -> None:
         raise DPrunerError(f"{option} is empty")
     if len(set(values)) != len(values):
         raise DPrunerError(f"{option} lists a value twice")
-
-
-def _lambda_name(lam: float) -> str:
-    """Shortest exact form, so two different values never share a folder."""
-    return f"lambda{lam!r}"
 
 
 def _cli(script: str, *args: Any) -> list[str]:
@@ -332,9 +363,8 @@ def _prepare(config: SweepConfig, points: Sequence[Point]) -> None:
 def _recipes(config: SweepConfig, points: Sequence[Point]) -> dict[str, tuple[Path, dict[str, Any]]]:
     """{what: (recipe file, recipe)} for every point and every stage-2 run of the sweep."""
     recipes = {f"point {p.label}": (config.recipe_path(p), config.recipe(p)) for p in points}
-    for lam in config.lambdas if config.kind == "lambda" else ():
-        recipes[f"stage 2 of {_lambda_name(lam)}"] = (config.stage2_recipe_path(lam),
-                                                      config.stage2_recipe(lam))
+    for run in config.stage2_runs() if config.kind == "lambda" else ():
+        recipes[f"stage 2 of {run.name}"] = (config.stage2_recipe_path(run), config.stage2_recipe(run))
     return recipes
 
 
@@ -374,15 +404,15 @@ def _run(config: SweepConfig, label: str, step: str, command: list[str]) -> None
         raise DPrunerError(f"{label}: {step} failed (exit {code}): {reason}; full output in {log}")
 
 
-def _stage2(config: SweepConfig, lam: float) -> None:
-    """Stage 2 with this lambda, unless finished; its fine-tuned weights are dropped unless --keep-models."""
-    folder = config.stage2_dir(lam)
-    if _stage2_complete(config, lam):
+def _stage2(config: SweepConfig, run: Stage2Run) -> None:
+    """This stage-2 run, unless finished; its fine-tuned weights are dropped unless --keep-models."""
+    folder = config.stage2_dir(run)
+    if _stage2_complete(config, run):
         return
-    write_json(config.stage2_recipe_path(lam), config.stage2_recipe(lam))
+    write_json(config.stage2_recipe_path(run), config.stage2_recipe(run))
     command = [*config.launcher, str(CODE_DIR / "src" / "train_lomo.py"),
-               str(REPO_ROOT / STAGE2_CONFIGS[config.domain]), *config.stage2_overrides(lam)]
-    _run(config, _lambda_name(lam), "stage 2 (LOMO fine-tuning, dual importance)", command)
+               str(REPO_ROOT / STAGE2_CONFIGS[config.domain]), *config.stage2_overrides(run)]
+    _run(config, run.name, "stage 2 (LOMO fine-tuning, dual importance)", command)
     if not config.keep_models:
         shutil.rmtree(folder / "epochs", ignore_errors=True)
 
@@ -395,7 +425,7 @@ def _run_point(config: SweepConfig, point: Point) -> None:
         target = Path(config.model)
     elif not (target / REPORT_NAME).is_file():
         if point.lam is not None:
-            _stage2(config, point.lam)
+            _stage2(config, point.stage2)
         _run(config, point.label, "prune", config.prune_command(point, target))
     for task in config.tasks():
         result = config.result_path(point, task)
@@ -452,6 +482,7 @@ def collect(config: SweepConfig, points: Sequence[Point]) -> tuple[list[dict[str
     rows = []
     for point, (label, cells, sparsity) in zip(finished, table.rows):
         row: dict[str, Any] = {"sweep": config.kind, "label": label, "method": point.method,
+                               "form": "" if point.lam is None else point.form,
                                "lambda": "" if point.lam is None else point.lam, "sparsity": point.sparsity,
                                "projection_sparsity": sparsity.get("projection_sparsity"),
                                "overall_sparsity": sparsity.get("overall_sparsity")}
@@ -519,7 +550,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, config: SweepConfig) -> Non
     pruned = [r for r in rows if r["method"] != DENSE]
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in pruned:
-        groups.setdefault(row["method"] if kind == "sparsity" else f"λ = {row['lambda']!r}", []).append(row)
+        groups.setdefault(row["method"] if kind == "sparsity" else f"{row['form']} λ = {row['lambda']!r}", []).append(row)
 
     fig, (ax_ppl, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
     for ax, key, title in ((ax_ppl, ppl_key, ppl_column.title), (ax_acc, acc_key, acc_column.title)):
@@ -549,29 +580,37 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+def tradeoff_curves(rows: Sequence[dict[str, Any]], forms: Sequence[str]) -> dict[tuple[str, float], list[dict[str, Any]]]:
+    """{(form, sparsity): its rows by increasing lambda}; every curve starts at the shared lambda = 0 row."""
+    sparsities = sorted({r["sparsity"] for r in rows if r["method"] != DENSE})
+    return {(form, sparsity): sorted((r for r in rows if r["method"] != DENSE and r["sparsity"] == sparsity
+                                      and r["form"] in (form, NO_REGULARIZER)), key=lambda r: r["lambda"])
+            for form in forms for sparsity in sparsities}
+
+
 def plot_tradeoff(rows: Sequence[dict[str, Any]], path: Path, config: SweepConfig) -> None:
-    """The lambda sweep's generality / specificity trade-off: domain ppl against general ppl, one point
-    per (lambda, sparsity) with its 95 % intervals as error bars, and the mask Jaccard against lambda = 0."""
+    """The lambda sweep's generality / specificity trade-off: domain ppl against general ppl, one curve per
+    (form, sparsity) through its lambdas from the shared lambda = 0, with 95 % intervals as error bars, and
+    each mask's Jaccard against lambda = 0."""
     plt = _pyplot()
     domain_column, _ = headline_columns(config)
     general_column = next(c for c in config.columns() if c.task in (WIKITEXT_TASK, GENERAL_VALIDATION_TASK))
     x_key, y_key = _key(general_column.title), _key(domain_column.title)
     fig, (ax, ax_jaccard) = plt.subplots(1, 2, figsize=(11, 4.5))
     pruned = [r for r in rows if r["method"] != DENSE and _finite(r[x_key]) and _finite(r[y_key])]
-    for index, sparsity in enumerate(sorted({r["sparsity"] for r in pruned})):
-        members = sorted((r for r in pruned if r["sparsity"] == sparsity), key=lambda r: r["lambda"])
+    for index, ((form, sparsity), members) in enumerate(tradeoff_curves(pruned, config.forms).items()):
         xs, ys = [r[x_key] for r in members], [r[y_key] for r in members]
         xerr = [[x - (r[x_key + "_ci95_low"] or x) for x, r in zip(xs, members)],
                 [(r[x_key + "_ci95_high"] or x) - x for x, r in zip(xs, members)]]
         yerr = [[y - (r[y_key + "_ci95_low"] or y) for y, r in zip(ys, members)],
                 [(r[y_key + "_ci95_high"] or y) - y for y, r in zip(ys, members)]]
         ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", color=f"C{index % 10}", capsize=3,
-                    label=f"sparsity {sparsity:g}")
+                    label=f"{form}, sparsity {sparsity:g}")
         for x, y, row in zip(xs, ys, members):
             ax.annotate(f"λ={row['lambda']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         with_jaccard = [r for r in members if _finite(r.get(JACCARD_COLUMN))]
         ax_jaccard.plot([r["lambda"] for r in with_jaccard], [r[JACCARD_COLUMN] for r in with_jaccard], marker="o",
-                        color=f"C{index % 10}", label=f"sparsity {sparsity:g}")
+                        color=f"C{index % 10}", label=f"{form}, sparsity {sparsity:g}")
     dense = next((r for r in rows if r["method"] == DENSE), None)
     if dense is not None and _finite(dense[x_key]) and _finite(dense[y_key]):
         ax.plot([dense[x_key]], [dense[y_key]], marker="*", markersize=12, color="grey", linestyle="", label="dense")
@@ -594,8 +633,8 @@ def _jaccard_path(config: SweepConfig, point: Point) -> Path:
     return config.out / "jaccard" / f"{point.label}.json"
 
 
-def _stage2_complete(config: SweepConfig, lam: float) -> bool:
-    state = config.stage2_dir(lam) / STATE_FILE
+def _stage2_complete(config: SweepConfig, run: Stage2Run) -> bool:
+    state = config.stage2_dir(run) / STATE_FILE
     return state.is_file() and bool(read_json(state).get("complete"))
 
 
@@ -603,20 +642,21 @@ def update_lambda_jaccards(config: SweepConfig, points: Sequence[Point]) -> None
     """For every lambda point whose stage 2 and lambda = 0's are complete: the pooled Jaccard of its pruned
     positions against lambda = 0's at the same sparsity, from the two score folders (the masks
     save_model.py derives, one layer at a time), written once to OUT/jaccard/<point>.json."""
-    if config.kind != "lambda" or 0.0 not in config.lambdas or not _stage2_complete(config, 0.0):
+    reference = Stage2Run(NO_REGULARIZER, 0.0)
+    if config.kind != "lambda" or 0.0 not in config.lambdas or not _stage2_complete(config, reference):
         return
     from dpruner.analysis import ALL, MaskOptions, ScoreMasks, count_masks, jaccard_rows
 
     for point in points:
         path = _jaccard_path(config, point)
-        if point.lam is None or path.is_file() or not _stage2_complete(config, point.lam):
+        if point.lam is None or path.is_file() or not _stage2_complete(config, point.stage2):
             continue
         if point.lam == 0.0:
             write_json(path, {"lambda": 0.0, "sparsity": point.sparsity, "against": 0.0, "jaccard": 1.0})
             continue
         options = MaskOptions(sparsity=point.sparsity, scope="matrix")  # save_model.py's per-matrix masks
-        sources = [ScoreMasks(_lambda_name(lam), config.stage2_dir(lam) / "importance", options)
-                   for lam in (0.0, point.lam)]
+        sources = [ScoreMasks(run.name, config.stage2_dir(run) / "importance", options)
+                   for run in (reference, point.stage2)]
         pooled = next(r for r in jaccard_rows(count_masks(sources)) if r["layer"] == ALL and r["module"] == ALL)
-        write_json(path, {"lambda": point.lam, "sparsity": point.sparsity, "against": 0.0,
+        write_json(path, {"form": point.form, "lambda": point.lam, "sparsity": point.sparsity, "against": 0.0,
                           "jaccard": pooled["jaccard"], "random_jaccard": pooled["random_jaccard"]})

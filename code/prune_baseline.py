@@ -9,7 +9,7 @@ Methods (all layer by layer with sequential propagation, the 7 projections of ev
   mixcal      SparseGPT with H = alpha*H_general + (1-alpha)*H_domain (cross-calibration, arXiv 2502.18424)
   dpruner     D-Pruner's precomputed scores (--scores: stage-2 output or any score folder); data-free
   dpruner-obs D-Pruner's dual-importance selection + SparseGPT's OBS compensation on the mixcal Hessian
-              (ours; --scores, --selection mask|saliency, --alpha; needs --calibration mix --domain D)
+              (ours; --scores, --selection mask|saliency|blend, --blend, --alpha; needs --calibration mix --domain D)
   llm-pruner  structured: whole attention heads / MLP channels by first-order Taylor group importance
               (--sparsity = fraction of parameters removed)
 With --sparsity-profile owl every unstructured method gets one sparsity per decoder block from the
@@ -34,7 +34,7 @@ from dpruner.export import REPORT_NAME, check_output_dir
 from dpruner.guard import Output, model_inputs, protect
 from dpruner.masks import parse_pattern
 from dpruner.methods import get_method, method_names
-from dpruner.methods.dpruner_obs import SELECTIONS
+from dpruner.methods.dpruner_obs import DEFAULT_BLEND, SELECTIONS
 from dpruner.methods.magnitude import SCOPES
 from dpruner.methods.mixcal import DEFAULT_ALPHA
 from dpruner.model_handle import ModelHandle
@@ -53,7 +53,7 @@ DEFAULT_SPARSITY = 0.5
 # Options that only some methods read; giving them to another method is a mistake, not a no-op.
 OBS_METHODS = ("sparsegpt", "mixcal", "dpruner-obs")
 METHOD_OPTIONS = {"alpha": ("mixcal", "dpruner-obs"), "scores": ("dpruner", "dpruner-obs"),
-                  "scope": ("magnitude", "wanda", "dpruner"), "selection": ("dpruner-obs",)}
+                  "scope": ("magnitude", "wanda", "dpruner"), "selection": ("dpruner-obs",), "blend": ("dpruner-obs",)}
 SPARSITY_TOLERANCE = 1e-9
 
 
@@ -86,7 +86,11 @@ def build_parser():
                              "(ours: an even blend)")
     parser.add_argument("--selection", choices=SELECTIONS, default=None,
                         help="dpruner-obs: mask = fixed dual-importance mask per matrix, then OBS compensation; "
-                             "saliency = dual importance ranks inside SparseGPT's sweep (default: mask)")
+                             "saliency = dual importance ranks inside SparseGPT's sweep; blend = the geometric mean "
+                             "saliency^(1-b) * dual^b ranks there (--blend b) (default: mask)")
+    parser.add_argument("--blend", type=float, default=None,
+                        help=f"dpruner-obs --selection blend: weight b of the dual importance, in [0, 1] (0 = mixcal, "
+                             f"1 = --selection saliency); unset: {DEFAULT_BLEND} (ours)")
     parser.add_argument("--scores", default=None, metavar="DIR",
                         help="dpruner: score folder (stage-2 dual importance, or any --save-scores folder)")
     parser.add_argument(ALLOW_OPTION, action="store_true",
@@ -122,6 +126,8 @@ def check_arguments(args: Namespace) -> None:
     for option, methods in METHOD_OPTIONS.items():
         if getattr(args, option) is not None and args.method not in methods:
             raise DPrunerError(f"--{option} applies to {', '.join(methods)}, not {args.method}")
+    if args.blend is not None and (args.selection != "blend" or not 0.0 <= args.blend <= 1.0):
+        raise DPrunerError(f"--blend {args.blend} needs --selection blend and a value in [0, 1]")
     if args.method in METHOD_OPTIONS["scores"] and args.scores is None:
         raise DPrunerError(f"method {args.method} needs --scores DIR (stage-2 output or another score folder)")
     if args.method == STRUCTURED:
@@ -165,7 +171,7 @@ def method_options(args: Namespace) -> dict:
     """Constructor options of the chosen layer method, from the command line."""
     if args.method in OBS_METHODS:
         options = {"pattern": args.pattern, "blocksize": args.blocksize, "percdamp": args.percdamp}
-        for option in ("alpha", "selection"):
+        for option in ("alpha", "selection", "blend"):
             if getattr(args, option) is not None:
                 options[option] = getattr(args, option)
         if args.method == "dpruner-obs":

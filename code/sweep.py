@@ -66,6 +66,9 @@ def build_parser():
     sparsity.add_argument("--scores", default=None, metavar="DIR",
                           help="D-Pruner's importance folder (stage-2 OUT/lomo/importance); required with dpruner, "
                                "dpruner-obs and dpruner-obs-saliency (its dual mask / ranking + OBS compensation)")
+    sparsity.add_argument("--blends", default="0.5",
+                          help="comma-separated weights of the dual importance in dpruner-obs-blend's ranking, each in "
+                               "[0, 1] (one point per value; 0 = mixcal, 1 = dpruner-obs-saliency)")
     sparsity.add_argument("--nsamples", type=int, default=DEFAULT_NSAMPLES,
                           help="calibration windows of wanda / sparsegpt / mixcal (C4; mixcal: half domain text)")
     sparsity.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN, help="tokens per calibration window")
@@ -113,6 +116,7 @@ def to_config(args: Namespace) -> SweepConfig:
                   batch_size=args.batch_size, keep_models=args.keep_models, fresh=args.fresh, split=args.split)
     if args.kind == "sparsity":
         return SweepConfig(**common, methods=parse_list(args.methods, "--methods"),
+                           blends=parse_list(args.blends, "--blends", number=True),
                            scores=cli.resolve_out(args.scores), nsamples=args.nsamples, seqlen=args.seqlen,
                            sparsity_profile=args.sparsity_profile)
     launcher = [sys.executable] if args.launcher == "python" else shlex.split(args.launcher)

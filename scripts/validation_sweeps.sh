@@ -4,7 +4,8 @@
 #  1. the lambda sweep: stage 2 for each regularizer form at every lambda (lambda = 0 once, without a
 #     regularizer, shared by the forms) and a per-matrix mask at SPARSITY, with each mask's Jaccard against
 #     lambda = 0 and the trade-off plot (code/sweep.py lambda --split validation) -> OUT/DOMAIN-lambda;
-#  2. D-Pruner-OBS's selection (the fixed dual mask, or dual importance as the OBS ranking) next to
+#  2. D-Pruner-OBS's selection (the fixed dual mask, dual importance as the OBS ranking, or the blend of
+#     the two rankings at each of BLENDS) next to
 #     SparseGPT, MixCal and D-Pruner, on OBS_SCORES (default: the anchor form's stage 2 at its default lambda 100)
 #     -> OUT/DOMAIN-obs-selection.
 #
@@ -14,6 +15,7 @@
 #   SPARSITY (0.5), GENERAL_IMPORTANCE (stage 1 on 16 x 256 C4 windows, made if missing),
 #   TRAIN_ARGS (the quickstart's stage-2 size; one process without DeepSpeed, which grad_penalty needs),
 #   EVAL_ARGS (sweep.py evaluation sizes), OBS_SCORES (step 2's stage-2 importance folder),
+#   BLENDS (0.25,0.5,0.75: dpruner-obs-blend's weights of the dual importance),
 #   STEPS ("lambda obs": which of the two steps to run).
 set -euo pipefail
 source "$(dirname "$0")/_env.sh"
@@ -25,7 +27,7 @@ case "$DOMAIN" in
     *) echo "error: first argument must be legal or medical, got '$DOMAIN'" >&2; exit 2 ;;
 esac
 : "${FORMS:=anchor squared_grad upstream grad_penalty}" "${LAMBDAS:=0,0.1,10,1000,100000,10000000}" "${SPARSITY:=0.5}"
-: "${GENERAL_IMPORTANCE:=$OUT/general_importance}" "${STEPS:=lambda obs}"
+: "${GENERAL_IMPORTANCE:=$OUT/general_importance}" "${STEPS:=lambda obs}" "${BLENDS:=0.25,0.5,0.75}"
 case " $STEPS " in *" lambda "*|*" obs "*) ;; *) echo "error: STEPS='$STEPS' names neither 'lambda' nor 'obs'" >&2; exit 2 ;; esac
 : "${EVAL_ARGS:=--ppl-limit 100 --wiki-limit 600}"
 GENERAL_IMPORTANCE="$(realpath -m "$GENERAL_IMPORTANCE")"
@@ -44,5 +46,6 @@ case " $STEPS " in *" obs "*) ;; *) exit 0 ;; esac
 OBS_SCORES="${OBS_SCORES:-$OUT/$DOMAIN-lambda/lomo/anchor-lambda100.0/importance}"
 # shellcheck disable=SC2086
 "$PY" code/sweep.py sparsity smollm2-135m --domain "$DOMAIN" --split validation \
-    --methods sparsegpt,mixcal,dpruner,dpruner-obs,dpruner-obs-saliency --sparsities "$SPARSITY" \
+    --methods sparsegpt,mixcal,dpruner,dpruner-obs,dpruner-obs-saliency,dpruner-obs-blend --blends "$BLENDS" \
+    --sparsities "$SPARSITY" \
     --scores "$OBS_SCORES" --nsamples 16 --seqlen 256 $EVAL_ARGS --out "$OUT/$DOMAIN-obs-selection"

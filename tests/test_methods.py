@@ -19,6 +19,7 @@ import torch
 
 from conftest import CODE, error_line, make_tiny_llama, run_cli
 from dpruner import cli
+from dpruner.errors import DPrunerError
 from dpruner.io import ScoreSet, load_tensors, save_score_folder
 from dpruner.layerwise import prune_layerwise
 from dpruner.methods import get_method
@@ -163,7 +164,7 @@ def test_dpruner_method_equals_stage3_on_the_same_scores(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(projections(model).values(), projections(reference).values()))
 
 
-@pytest.mark.parametrize("selection", ["mask", "saliency"])
+@pytest.mark.parametrize("selection", ["mask", "saliency", "blend"])
 def test_dpruner_obs_keeps_the_dual_selection_and_compensates(selection, tmp_path):
     """selection=mask prunes exactly stage 3's weights; both forms update the kept weights (OBS)."""
     model = make_tiny_llama(num_hidden_layers=2)
@@ -179,6 +180,23 @@ def test_dpruner_obs_keeps_the_dual_selection_and_compensates(selection, tmp_pat
         if selection == "mask":
             assert torch.equal(kept, projections(stage3)[key] != 0), key
         assert not torch.equal(weight[kept], original[key][kept]), key
+
+
+def test_dpruner_obs_blend_ends_are_mixcal_and_the_saliency_selection(tmp_path):
+    model = make_tiny_llama(num_hidden_layers=2)
+    folder = random_score_folder(tmp_path / "scores", model, seed=6)
+    sets = {"general": token_ids(4, 24, seed=0), "domain": token_ids(4, 24, seed=1)}
+    mixcal = pruned_weights(get_method("mixcal", sparsity=0.5), sets)
+    saliency = pruned_weights(get_method("dpruner-obs", sparsity=0.5, scores=folder, selection="saliency"), sets)
+    for blend, expected in ((0.0, mixcal), (1.0, saliency)):
+        ends = pruned_weights(get_method("dpruner-obs", sparsity=0.5, scores=folder, selection="blend", blend=blend),
+                              sets)
+        assert all(torch.equal(ends[k], expected[k]) for k in ends), blend
+    for bad in (1.5, float("nan")):
+        with pytest.raises(DPrunerError, match="--blend must be in"):
+            get_method("dpruner-obs", sparsity=0.5, scores=folder, selection="blend", blend=bad)
+    with pytest.raises(DPrunerError, match="--blend only applies to --selection blend"):
+        get_method("dpruner-obs", sparsity=0.5, scores=folder, selection="mask", blend=0.5)
 
 
 # --- MixCal -----------------------------------------------------------------------------------------------

@@ -16,10 +16,10 @@ def correlated_inputs(n: int, cols: int, seed: int) -> torch.Tensor:
 
 
 def brute_force_obs(W: torch.Tensor, H: torch.Tensor, sparsity: float, blocksize: int, percdamp: float,
-                    given_mask: torch.Tensor | None = None, ranking: torch.Tensor | None = None):
+                    given_mask: torch.Tensor | None = None, ranking: torch.Tensor | None = None, blend: float = 1.0):
     """Textbook OBS, one column at a time: the inverse Hessian of the columns still present is
     inverted directly; saliency w^2/[H_F^-1]_jj at each block start picks the block's mask (or
-    `ranking` does, or `given_mask` is used as it is)."""
+    saliency^(1 - blend) * ranking^blend does, or `given_mask` is used as it is)."""
     W = W.double().clone()
     H = H.double().clone()
     dead = torch.diag(H) == 0
@@ -36,7 +36,8 @@ def brute_force_obs(W: torch.Tensor, H: torch.Tensor, sparsity: float, blocksize
         if given_mask is not None:
             mask[:, b0:b1] = given_mask[:, b0:b1]
         else:
-            block = (saliency if ranking is None else ranking.double())[:, b0:b1].reshape(1, -1)
+            block = (saliency if ranking is None else saliency ** (1 - blend) * ranking.double() ** blend)
+            block = block[:, b0:b1].reshape(1, -1)
             mask[:, b0:b1] = lowest_k(block, int(block.numel() * sparsity)).reshape(rows, b1 - b0)
         for j in range(b0, b1):
             Hinv = torch.linalg.inv(H[j:, j:])
@@ -135,6 +136,25 @@ def test_external_ranking_inside_the_sweep_matches_brute_force():
     torch.testing.assert_close(result.saliency.double(), ref_saliency, rtol=2e-4, atol=1e-6)
     for b0 in (0, 8):
         assert int(result.mask[:, b0:b0 + 8].sum()) == 24
+
+
+def test_blended_ranking_inside_the_sweep_matches_brute_force():
+    """The `blend` selection: saliency^(1 - b) * S^b ranks each block (brute force: the plain product in
+    float64), and its two ends are SparseGPT's own sweep and the external ranking alone, bit for bit."""
+    W, H, gen, _ = _problem(6, 16, seed=13)
+    ranking = torch.rand(6, 16, generator=gen)
+    result = obs_prune(W, H.float(), 0.5, blocksize=8, percdamp=0.01, selection_scores=ranking, blend=0.3)
+    ref_W, _, ref_mask = brute_force_obs(W, H, 0.5, 8, 0.01, ranking=ranking, blend=0.3)
+    assert torch.equal(result.mask, ref_mask)
+    torch.testing.assert_close(result.weight.double(), ref_W, rtol=2e-4, atol=2e-5)
+    plain = obs_prune(W, H.float(), 0.5, blocksize=8, percdamp=0.01)
+    external = obs_prune(W, H.float(), 0.5, blocksize=8, percdamp=0.01, selection_scores=ranking)
+    for blend, expected in ((0.0, plain), (1.0, external)):
+        end = obs_prune(W, H.float(), 0.5, blocksize=8, percdamp=0.01, selection_scores=ranking, blend=blend)
+        assert torch.equal(end.mask, expected.mask) and torch.equal(end.weight, expected.weight), blend
+    assert not torch.equal(result.mask, plain.mask) and not torch.equal(result.mask, external.mask)
+    with pytest.raises(ValueError, match="blend must be in"):
+        obs_prune(W, H.float(), 0.5, selection_scores=ranking, blend=float("nan"))
 
 
 def test_obs_refuses_two_selections_and_wrong_shapes():

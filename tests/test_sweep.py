@@ -117,6 +117,7 @@ BAD_INPUTS = {
     "dpruner without scores": (["--methods", "magnitude,dpruner"], "dpruner needs --scores"),
     "scores without dpruner": (["--methods", "magnitude", "--scores", "{scores}"], "only read by methods dpruner, dpruner-obs"),
     "bad eval setting": (["--methods", "magnitude", "--ppl-stride", "600"], "--ppl-stride 600 must not exceed"),
+    "blend above one": (["--methods", "magnitude", "--blends", "0.5,1.5"], "--blends: 1.5 is outside [0, 1]"),
 }
 BAD_LAMBDA_INPUTS = {
     "negative lambda": (["--lambdas", "0,-0.1"], "lambda must be >= 0, got -0.1"),
@@ -286,6 +287,18 @@ def test_dpruner_obs_points_run_prune_baseline_with_their_selection_and_domain_c
         assert command[command.index("--scores") + 1] == str(tmp_path / "scores")
         assert command[-4:] == ["--calibration", "mix", "--domain", "legal"]
         assert config.recipe(Point(f"{method}-s0.5", method, 0.5))["scores"] == str(tmp_path / "scores")
+
+
+def test_blend_points_one_per_weight_each_with_its_own_recipe(tmp_path):
+    config = SweepConfig(kind="sparsity", model="m", domain="medical", out=tmp_path, sparsities=[0.5],
+                         methods=["mixcal", "dpruner-obs-blend"], blends=[0.25, 0.75], scores=tmp_path / "scores")
+    points = config.points()
+    assert [p.label for p in points] == ["dense", "mixcal-s0.5", "dpruner-obs-blend0.25-s0.5", "dpruner-obs-blend0.75-s0.5"]
+    command = config.prune_command(points[-1], tmp_path / "model")
+    assert command[2] == "dpruner-obs" and command[command.index("--selection") + 1] == "blend"
+    assert command[command.index("--blend") + 1] == "0.75"
+    assert command[-4:] == ["--calibration", "mix", "--domain", "medical"]
+    assert [config.recipe(p).get("blend") for p in points] == [None, None, 0.25, 0.75]
 
 
 def test_pareto_front_keeps_points_no_sparser_point_beats():

@@ -7,8 +7,9 @@ is pushed onto the remaining columns (OBS update), lazily for later blocks. Stag
 the saliency as the general importance; the SparseGPT baseline and MixCal keep the pruned weights.
 
 Two hooks serve D-Pruner-OBS: `fixed_mask` keeps a mask chosen elsewhere (the dual-importance mask) and
-only runs the compensation; `selection_scores` replaces w^2/U_jj^2 as the ranking inside each block of
-the sweep (the rest of the sweep, including the saliency that is returned, is unchanged).
+only runs the compensation; `selection_scores` S joins the ranking inside each block of the sweep, as
+the weighted geometric mean saliency^(1 - blend) * S^blend: blend = 1 ranks by S alone, blend = 0 is
+SparseGPT's own ranking (the rest of the sweep, including the saliency that is returned, is unchanged).
 """
 
 from __future__ import annotations
@@ -45,15 +46,28 @@ def inverse_hessian_factor(hessian: torch.Tensor, weight: torch.Tensor, percdamp
     return torch.linalg.cholesky(Hinv, upper=True)
 
 
+def blended_ranking(saliency: torch.Tensor, scores: torch.Tensor | None, blend: float) -> torch.Tensor:
+    """saliency^(1 - blend) * scores^blend as a ranking (lower = pruned first). In float64 logs, so it
+    neither underflows nor merges fp32 values that differ; the two ends are the inputs themselves."""
+    if scores is None or blend == 0.0:
+        return saliency
+    if blend == 1.0:
+        return scores.float()
+    return (1.0 - blend) * saliency.double().log() + blend * scores.double().log()
+
+
 def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, *,
               blocksize: int = DEFAULT_BLOCKSIZE, percdamp: float = DEFAULT_PERCDAMP,
               n_m: tuple[int, int] | None = None, fixed_mask: torch.Tensor | None = None,
-              selection_scores: torch.Tensor | None = None) -> ObsResult:
+              selection_scores: torch.Tensor | None = None, blend: float = 1.0) -> ObsResult:
     """Prune `sparsity` of every rows x block (or N of every M columns per row) with OBS updates.
 
     `fixed_mask` (bool, True = pruned) overrides the selection entirely; `selection_scores` (weight
-    shape, lower = pruned first) ranks within each block or N:M group instead of the OBS saliency.
+    shape, >= 0) rank within each block or N:M group, blended with the OBS saliency by `blend` in [0, 1]
+    (`blended_ranking`).
     """
+    if not 0.0 <= blend <= 1.0:
+        raise ValueError(f"blend must be in [0, 1], got {blend}")
     W = weight.detach().float().clone()
     rows, cols = W.shape
     for name, given in (("fixed_mask", fixed_mask), ("selection_scores", selection_scores)):
@@ -74,7 +88,8 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, *,
         diag = torch.diag(U1)
         block_saliency = W1 ** 2 / diag ** 2
         saliency[:, i1:i2] = block_saliency
-        ranking = block_saliency if selection_scores is None else selection_scores[:, i1:i2].float()
+        block_scores = None if selection_scores is None else selection_scores[:, i1:i2]
+        ranking = blended_ranking(block_saliency, block_scores, blend)
         if fixed_mask is not None:
             block_mask = fixed_mask[:, i1:i2].to(device=W.device, dtype=torch.bool)
         elif n_m is None:
@@ -87,8 +102,8 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, *,
         losses = torch.zeros(i2 - i1, device=W.device)
         for i in range(i2 - i1):
             if fixed_mask is None and n_m is not None and i % n_m[1] == 0:
-                group = (W1[:, i:i + n_m[1]] ** 2 / diag[i:i + n_m[1]] ** 2 if selection_scores is None
-                         else ranking[:, i:i + n_m[1]])
+                group = blended_ranking(W1[:, i:i + n_m[1]] ** 2 / diag[i:i + n_m[1]] ** 2,
+                                        None if block_scores is None else block_scores[:, i:i + n_m[1]], blend)
                 block_mask[:, i:i + n_m[1]] = lowest_k(group, n_m[0])
             w = W1[:, i]
             q = torch.where(block_mask[:, i], torch.zeros_like(w), w)

@@ -36,11 +36,14 @@ CODE_DIR = Path(__file__).resolve().parents[1]
 REPO_ROOT = CODE_DIR.parent
 KINDS = ("sparsity", "lambda")
 # prune_baseline.py's unstructured methods; llm-pruner's --sparsity counts all parameters, another axis.
-SPARSITY_METHODS = ("magnitude", "wanda", "sparsegpt", "mixcal", "dpruner", "dpruner-obs", "dpruner-obs-saliency")
+SPARSITY_METHODS = ("magnitude", "wanda", "sparsegpt", "mixcal", "dpruner", "dpruner-obs", "dpruner-obs-saliency",
+                    "dpruner-obs-blend")
 # Methods that read --scores (D-Pruner's stage-2 importance), and the prune_baseline.py --selection of
-# the two D-Pruner-OBS variants (issue 10: keep whichever is better on validation, report both).
-SCORE_METHODS = ("dpruner", "dpruner-obs", "dpruner-obs-saliency")
-OBS_SELECTION = {"dpruner-obs": "mask", "dpruner-obs-saliency": "saliency"}
+# the D-Pruner-OBS variants (issue 10: keep whichever is better on validation, report both); the blend
+# variant is one point per --blends value.
+SCORE_METHODS = ("dpruner", "dpruner-obs", "dpruner-obs-saliency", "dpruner-obs-blend")
+OBS_SELECTION = {"dpruner-obs": "mask", "dpruner-obs-saliency": "saliency", "dpruner-obs-blend": "blend"}
+BLEND_METHOD = "dpruner-obs-blend"
 DOMAIN_CALIBRATION_METHODS = ("mixcal", *OBS_SELECTION)  # C4 + domain Hessians
 LAMBDA_METHOD = "dpruner"
 DENSE = tables.DENSE
@@ -111,6 +114,7 @@ class Point:
     sparsity: float
     lam: float | None = None  # the lambda sweep's stage-2 regularizer weight
     form: str = NO_REGULARIZER  # the lambda sweep's regularizer form (none at lambda = 0)
+    blend: float | None = None  # dpruner-obs-blend's weight of the dual importance
 
     @property
     def stage2(self) -> Stage2Run:
@@ -138,6 +142,7 @@ class SweepConfig:
     out: Path
     sparsities: list[float]
     methods: list[str] = field(default_factory=list)  # sparsity sweep
+    blends: list[float] = field(default_factory=lambda: [0.5])  # sparsity sweep: dpruner-obs-blend's weights
     lambdas: list[float] = field(default_factory=list)  # lambda sweep
     forms: list[str] = field(default_factory=lambda: ["anchor"])  # lambda sweep: regularizer forms
     scores: Path | None = None  # dpruner's score folder (sparsity sweep)
@@ -191,6 +196,10 @@ class SweepConfig:
                 raise DPrunerError(f"--scores is only read by methods {', '.join(SCORE_METHODS)}, none of which is "
                                    "in --methods")
             ScoreSet.open(self.scores)
+        _check_list(self.blends, "--blends")
+        outside = [b for b in self.blends if not 0.0 <= b <= 1.0]
+        if outside:
+            raise DPrunerError(f"--blends: {outside[0]:g} is outside [0, 1]")
 
     def _check_lambda_sweep(self) -> None:
         from dpruner.config import load_config, parse_override
@@ -223,7 +232,8 @@ class SweepConfig:
         """The dense reference first, then every (method or lambda, sparsity) pair in the given order."""
         points = [Point(DENSE, DENSE, 0.0)]
         if self.kind == "sparsity":
-            points += [Point(f"{m}-s{s!r}", m, s) for m in self.methods for s in self.sparsities]
+            points += [Point(f"{m}{'' if b is None else repr(b)}-s{s!r}", m, s, blend=b) for m in self.methods
+                       for b in (self.blends if m == BLEND_METHOD else [None]) for s in self.sparsities]
         else:
             points += [Point(f"{run.name}-s{s!r}", LAMBDA_METHOD, s, run.lam, run.form)
                        for run in self.stage2_runs() for s in self.sparsities]
@@ -251,6 +261,8 @@ class SweepConfig:
             recipe["calibration"] = {"nsamples": self.nsamples, "seqlen": self.seqlen}
             if point.method in OBS_SELECTION:
                 recipe["scores"] = str(self.scores)
+            if point.blend is not None:
+                recipe["blend"] = point.blend
         if self.sparsity_profile != "uniform" and point.lam is None:
             recipe["sparsity_profile"] = self.sparsity_profile
             recipe["calibration"] = {"nsamples": self.nsamples, "seqlen": self.seqlen}
@@ -286,6 +298,8 @@ class SweepConfig:
             command += ["--scores", str(self.scores)]
         if selection:
             command += ["--selection", selection]
+        if point.blend is not None:
+            command += ["--blend", repr(point.blend)]
         if self.sparsity_profile != "uniform":  # OWL measures outliers on calibration data, for every method
             command += ["--sparsity-profile", self.sparsity_profile]
         elif point.method in ("dpruner", "magnitude"):

@@ -8,7 +8,10 @@ ranks by the same saliency but compensates). Two ways to combine them:
                         the OBS sweep only pushes each pruned weight's error onto the kept columns;
   selection="saliency"  the dual importance replaces w^2/[H^-1]_jj as the ranking inside each column
                         block of SparseGPT's sweep (the sweep's compensated weights are what is ranked
-                        against, block by block, as in SparseGPT).
+                        against, block by block, as in SparseGPT);
+  selection="blend"     (ours) the ranking inside each block is the weighted geometric mean
+                        (w^2/[H^-1]_jj)^(1 - blend) * dual^blend: blend = 0 is MixCal, blend = 1 is
+                        `saliency`, and blend is chosen on validation text between the two.
 The Hessian is MixCal's blend H = alpha H_general + (1 - alpha) H_domain (each set normalised by its own
 window count), so alpha = 1 compensates on C4 only.
 """
@@ -26,18 +29,26 @@ from dpruner.methods.dpruner import DPrunerScores
 from dpruner.methods.mixcal import MixCal
 from dpruner.obs import obs_prune
 
-SELECTIONS = ("mask", "saliency")
+SELECTIONS = ("mask", "saliency", "blend")
+DEFAULT_BLEND = 0.5  # ours: an even geometric mean of the two rankings when --blend is not given
 
 
 @register
 class DPrunerOBS(MixCal):
     name = "dpruner-obs"
 
-    def __init__(self, sparsity: float, scores: str | os.PathLike, selection: str = "mask", **options) -> None:
+    def __init__(self, sparsity: float, scores: str | os.PathLike, selection: str = "mask",
+                 blend: float | None = None, **options) -> None:
         if selection not in SELECTIONS:
             raise DPrunerError(f"--selection {selection!r} is not one of {', '.join(SELECTIONS)}")
+        if blend is not None and selection != "blend":
+            raise DPrunerError(f"--blend only applies to --selection blend, not {selection}")
+        blend = {"blend": DEFAULT_BLEND if blend is None else blend, "saliency": 1.0}.get(selection, 0.0)
+        if not 0.0 <= blend <= 1.0:  # NaN fails this too
+            raise DPrunerError(f"--blend must be in [0, 1], got {blend}")
         super().__init__(sparsity, **options)
         self.selection = selection
+        self.blend = blend
         self.dual = DPrunerScores(sparsity, scores, pattern=self.pattern)
 
     @property
@@ -45,11 +56,12 @@ class DPrunerOBS(MixCal):
         return self.dual.score_set
 
     def settings(self) -> dict:
-        return super().settings() | {"selection": self.selection, "scores": str(self.score_set.folder),
+        blend = {"blend": self.blend} if self.selection == "blend" else {}
+        return super().settings() | {"selection": self.selection, **blend, "scores": str(self.score_set.folder),
                                      "scores_kind": self.score_set.manifest.get("kind")}
 
     def group_widths(self, in_features: int) -> tuple[int, ...]:
-        """`mask` ranks whole matrices (as stage 3), `saliency` within SparseGPT's column blocks."""
+        """`mask` ranks whole matrices (as stage 3), `saliency` and `blend` within SparseGPT's column blocks."""
         return (in_features,) if self.selection == "mask" else super().group_widths(in_features)
 
     def prune(self, layer: int, module_name: str, weight: torch.Tensor,
@@ -63,5 +75,5 @@ class DPrunerOBS(MixCal):
                                fixed_mask=mask)
         else:
             result = obs_prune(weight, hessian, sparsity, blocksize=self.blocksize, percdamp=self.percdamp,
-                               n_m=self.n_m, selection_scores=importance)
+                               n_m=self.n_m, selection_scores=importance, blend=self.blend)
         return LayerOutcome(scores=importance, weight=result.weight, mask=result.mask, loss=result.loss)

@@ -3,14 +3,19 @@
 # validation, held-out C4), never on test numbers; resumable (rerun to continue):
 #  1. the lambda sweep: stage 2 for each regularizer form at every lambda (lambda = 0 once, without a
 #     regularizer, shared by the forms) and a per-matrix mask at SPARSITY, with each mask's Jaccard against
-#     lambda = 0 and the trade-off plot (code/sweep.py lambda --split validation) -> OUT/DOMAIN-lambda;
+#     lambda = 0 and the trade-off plot (code/sweep.py lambda --split validation) -> LAMBDA_OUT
+#     (OUT/DOMAIN-lambda). The forms of one sweep share TRAIN_ARGS and so the lambda = 0 run; the
+#     original code's form needs its other keys too, so it gets its own folder:
+#       FORMS=upstream LAMBDA_OUT=outputs/sweeps/legal-lambda-upstream TRAIN_ARGS="casehold_examples=32
+#       billsum_examples=8 importance_formula=upstream importance_accumulate=upstream loss_scale=65536
+#       general_importance_norm=none general_importance_dtype=float32" bash scripts/validation_sweeps.sh legal
 #  2. D-Pruner-OBS's selection (the fixed dual mask, dual importance as the OBS ranking, or the blend of
 #     the two rankings at each of BLENDS) next to
 #     SparseGPT, MixCal and D-Pruner, on OBS_SCORES (default: the anchor form's stage 2 at its default lambda 100)
 #     -> OUT/DOMAIN-obs-selection.
 #
 # Usage: bash scripts/validation_sweeps.sh [legal|medical] [OUT]      (default: legal, outputs/sweeps)
-# Environment: FORMS ("anchor squared_grad upstream grad_penalty"), LAMBDAS (0,0.1,10,1000,100000,10000000:
+# Environment: FORMS ("anchor squared_grad grad_penalty"; upstream as above), LAMBDAS (0,0.1,10,1000,100000,10000000:
 #   8 decades, since the forms differ in scale by orders of magnitude),
 #   SPARSITY (0.5), GENERAL_IMPORTANCE (stage 1 on 16 x 256 C4 windows, made if missing),
 #   TRAIN_ARGS (the quickstart's stage-2 size; one process without DeepSpeed, which grad_penalty needs),
@@ -26,8 +31,9 @@ case "$DOMAIN" in
     medical) : "${TRAIN_ARGS:=pubmedqa_examples=24 hqs_examples=16}" ;;
     *) echo "error: first argument must be legal or medical, got '$DOMAIN'" >&2; exit 2 ;;
 esac
-: "${FORMS:=anchor squared_grad upstream grad_penalty}" "${LAMBDAS:=0,0.1,10,1000,100000,10000000}" "${SPARSITY:=0.5}"
+: "${FORMS:=anchor squared_grad grad_penalty}" "${LAMBDAS:=0,0.1,10,1000,100000,10000000}" "${SPARSITY:=0.5}"
 : "${GENERAL_IMPORTANCE:=$OUT/general_importance}" "${STEPS:=lambda obs}" "${BLENDS:=0.25,0.5,0.75}"
+: "${LAMBDA_OUT:=$OUT/$DOMAIN-lambda}"
 case " $STEPS " in *" lambda "*|*" obs "*) ;; *) echo "error: STEPS='$STEPS' names neither 'lambda' nor 'obs'" >&2; exit 2 ;; esac
 : "${EVAL_ARGS:=--ppl-limit 100 --wiki-limit 600}"
 GENERAL_IMPORTANCE="$(realpath -m "$GENERAL_IMPORTANCE")"
@@ -40,10 +46,10 @@ case " $STEPS " in *" lambda "*)
     "$PY" code/sweep.py lambda smollm2-135m --domain "$DOMAIN" --split validation --lambdas "$LAMBDAS" \
         --forms "$(IFS=,; echo "${forms[*]}")" --sparsity "$SPARSITY" --general-importance "$GENERAL_IMPORTANCE" \
         $EVAL_ARGS --train-args "deepspeed=null data_max_length=256 per_device_train_batch_size=4 $TRAIN_ARGS" \
-        --out "$OUT/$DOMAIN-lambda" ;;
+        --out "$LAMBDA_OUT" ;;
 esac
 case " $STEPS " in *" obs "*) ;; *) exit 0 ;; esac
-OBS_SCORES="${OBS_SCORES:-$OUT/$DOMAIN-lambda/lomo/anchor-lambda100.0/importance}"
+OBS_SCORES="${OBS_SCORES:-$LAMBDA_OUT/lomo/anchor-lambda100.0/importance}"
 # shellcheck disable=SC2086
 "$PY" code/sweep.py sparsity smollm2-135m --domain "$DOMAIN" --split validation \
     --methods sparsegpt,mixcal,dpruner,dpruner-obs,dpruner-obs-saliency,dpruner-obs-blend --blends "$BLENDS" \

@@ -34,7 +34,7 @@ from dpruner.export import REPORT_NAME, check_output_dir
 from dpruner.guard import Output, model_inputs, protect
 from dpruner.masks import parse_pattern
 from dpruner.methods import get_method, method_names
-from dpruner.methods.dpruner_obs import DEFAULT_BLEND, SELECTIONS
+from dpruner.methods.dpruner_obs import DEFAULT_BLEND, DEFAULT_SELECTION, SELECTIONS
 from dpruner.methods.magnitude import SCOPES
 from dpruner.methods.mixcal import DEFAULT_ALPHA
 from dpruner.model_handle import ModelHandle
@@ -87,7 +87,8 @@ def build_parser():
     parser.add_argument("--selection", choices=SELECTIONS, default=None,
                         help="dpruner-obs: mask = fixed dual-importance mask per matrix, then OBS compensation; "
                              "saliency = dual importance ranks inside SparseGPT's sweep; blend = the geometric mean "
-                             "saliency^(1-b) * dual^b ranks there (--blend b) (default: mask)")
+                             f"saliency^(1-b) * dual^b ranks there (--blend b) (default: {DEFAULT_SELECTION}, "
+                             "chosen on validation text)")
     parser.add_argument("--blend", type=float, default=None,
                         help=f"dpruner-obs --selection blend: weight b of the dual importance, in [0, 1] (0 = mixcal, "
                              f"1 = --selection saliency); unset: {DEFAULT_BLEND} (ours)")
@@ -126,7 +127,7 @@ def check_arguments(args: Namespace) -> None:
     for option, methods in METHOD_OPTIONS.items():
         if getattr(args, option) is not None and args.method not in methods:
             raise DPrunerError(f"--{option} applies to {', '.join(methods)}, not {args.method}")
-    if args.blend is not None and (args.selection != "blend" or not 0.0 <= args.blend <= 1.0):
+    if args.blend is not None and ((args.selection or DEFAULT_SELECTION) != "blend" or not 0.0 <= args.blend <= 1.0):
         raise DPrunerError(f"--blend {args.blend} needs --selection blend and a value in [0, 1]")
     if args.method in METHOD_OPTIONS["scores"] and args.scores is None:
         raise DPrunerError(f"method {args.method} needs --scores DIR (stage-2 output or another score folder)")

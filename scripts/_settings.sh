@@ -70,13 +70,18 @@ else
     : "${GEN_ARGS:=}" "${WIKI_LIMIT:=}" "${WIKI_SEQLEN:=2048}" "${TRAIN_ARGS:=}"
 fi
 : "${WINDOWING:=document}" "${BLOCKS:=32}" "${EVAL_BATCH:=8}"
+# D-Pruner-OBS's selection and blend weight (ours), chosen on validation text (docs/RESULTS.md 10e).
+: "${OBS_SELECTION:=blend}" "${OBS_BLEND:=0.5}"
+case "$OBS_SELECTION" in mask|saliency) OBS_SETTING="$OBS_SELECTION" ;; blend) OBS_SETTING="blend $OBS_BLEND" ;;
+    *) echo "error: OBS_SELECTION='$OBS_SELECTION' must be mask, saliency or blend" >&2; exit 2 ;; esac
 : "${DS_CONFIG:=config/ds_config.json}" "${LAUNCHER:=deepspeed --master_port ${MASTER_PORT:-6006}}"
 CONFIG=config/args_lomo.yaml; [ "$DOMAIN" = medical ] && CONFIG=config/args_lomo_medical.yaml  # a YAML domain: domain= below
 OUT="$(realpath -m "$OUT")"   # defaults are relative to the repository root (_env.sh changed into it)
 
 SETTINGS="model=$MODEL domain=$DOMAIN sparsity=$SPARSITY nsamples=$NSAMPLES seqlen=$SEQLEN windowing=$WINDOWING
 blocks=$BLOCKS train=[$TRAIN_ARGS] ppl=[$PPL_LIMIT $PPL_MAX_LENGTH $PPL_STRIDE] choice=[$CHOICE_LIMIT]
-generation=[$GEN_LIMIT $GEN_ARGS] wikitext=[$WIKI_LIMIT $WIKI_SEQLEN] config=$CONFIG ds=$DS_CONFIG"
+generation=[$GEN_LIMIT $GEN_ARGS] wikitext=[$WIKI_LIMIT $WIKI_SEQLEN] config=$CONFIG ds=$DS_CONFIG
+obs=[$OBS_SETTING]"
 [ "$FRESH" = 1 ] && rm -rf "$OUT"
 mkdir -p "$OUT"
 if [ -f "$OUT/settings.txt" ] && [ "$(cat "$OUT/settings.txt")" != "$SETTINGS" ]; then

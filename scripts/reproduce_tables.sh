@@ -14,8 +14,10 @@
 #      general-only   the stage-1 scores as the mask: SparseGPT's saliency w^2/[H^-1]_jj, per matrix,
 #                     without SparseGPT's weight update (the general half of D-Pruner alone)
 #   3b. the regularizer forms and D-Pruner-OBS: dpruner-upstream (the original code's formulas, raw G),
-#      dpruner-squared-grad (this project's former "paper" form), dpruner-obs (the dual mask + OBS
-#      compensation on the mixcal Hessian) and dpruner-obs-saliency (dual importance ranks inside the sweep)
+#      dpruner-squared-grad (this project's former "paper" form), dpruner-obs (OBS compensation on the
+#      mixcal Hessian with the selection OBS_SELECTION, default blend: saliency^(1-b) * dual^b ranks inside
+#      the sweep, b = OBS_BLEND), and its ablations dpruner-obs-mask (the dual mask, fixed) and
+#      dpruner-obs-saliency (dual importance alone ranks inside the sweep)
 #   4. the domain's 3 evaluations + WikiText-2 of each row, right after its model (scripts/_settings.sh:
 #      EVAL_STORE keeps finished rows, STOP_AFTER_MIN stops starting rows after that many minutes);
 #      OUT/table_full.md and OUT/table_full.csv of the finished rows
@@ -44,17 +46,18 @@ CALIBRATION=(--nsamples "$NSAMPLES" --seqlen "$SEQLEN" --windowing "$WINDOWING")
 # evaluation issue's target compares (SparseGPT, MixCal, D-Pruner-OBS), D-Pruner and dense, the other
 # methods it asks for, the seeds, then the extra ablations.
 ROWS="dense magnitude sparsegpt wanda llm-pruner mixcal dpruner-matrix dpruner-iterative dpruner-upstream
-dpruner-squared-grad dpruner-obs dpruner-obs-saliency dpruner-noreg general-only domain-only"
+dpruner-squared-grad dpruner-obs dpruner-obs-mask dpruner-obs-saliency dpruner-noreg general-only domain-only"
 ROWS="$(echo $ROWS)"
 UNSTRUCTURED="${ROWS/dense /}"; UNSTRUCTURED="${UNSTRUCTURED/llm-pruner /}"
 SEED_ROWS=""
 for seed in ${SEEDS:-}; do SEED_ROWS="$SEED_ROWS sparsegpt~seed$seed mixcal~seed$seed dpruner-matrix~seed$seed dpruner-obs~seed$seed"; done
 EVAL_ORDER="sparsegpt mixcal dpruner-obs dpruner-matrix dense wanda magnitude dpruner-upstream dpruner-squared-grad
-$SEED_ROWS dpruner-iterative llm-pruner dpruner-obs-saliency dpruner-noreg general-only domain-only"
+$SEED_ROWS dpruner-iterative llm-pruner dpruner-obs-mask dpruner-obs-saliency dpruner-noreg general-only domain-only"
 # The original code's formulas (config/args_lomo_upstream.yaml's D-Pruner keys) on this run's settings.
 UPSTREAM_FORM="regularizer=upstream importance_formula=upstream importance_accumulate=upstream loss_scale=65536
 general_importance_norm=none general_importance_dtype=float32"
 MIX=(--calibration mix --domain "$DOMAIN" --alpha 0.5)
+OBS_CHOICE=(--selection "$OBS_SELECTION"); [ "$OBS_SELECTION" = blend ] && OBS_CHOICE+=(--blend "$OBS_BLEND")
 
 # prune LABEL METHOD [OPTIONS]: code/prune_baseline.py into OUT/models/LABEL, unless it is there.
 prune() {
@@ -109,15 +112,16 @@ build_row() {
         dpruner-upstream) run_stage2 lomo_upstream $UPSTREAM_FORM; mask dpruner-upstream "$OUT/lomo_upstream/importance" ;;
         dpruner-squared-grad) run_stage2 lomo_squared_grad regularizer=squared_grad
                               mask dpruner-squared-grad "$OUT/lomo_squared_grad/importance" ;;
-        dpruner-obs|dpruner-obs-saliency)
-            local selection=mask; [ "$1" = dpruner-obs-saliency ] && selection=saliency
-            prune "$1" dpruner-obs --scores "$OUT/lomo/importance" --selection "$selection" --sparsity "$SPARSITY" \
+        dpruner-obs) prune "$1" dpruner-obs --scores "$OUT/lomo/importance" "${OBS_CHOICE[@]}" --sparsity "$SPARSITY" \
+                "${MIX[@]}" "${CALIBRATION[@]}" ;;
+        dpruner-obs-mask|dpruner-obs-saliency)
+            prune "$1" dpruner-obs --scores "$OUT/lomo/importance" --selection "${1#dpruner-obs-}" --sparsity "$SPARSITY" \
                 "${MIX[@]}" "${CALIBRATION[@]}" ;;
         sparsegpt~seed*) seed_stage1 "$seed" ;;
         mixcal~seed*) prune "$1" mixcal --sparsity "$SPARSITY" "${MIX[@]}" "${CALIBRATION[@]}" --seed "$seed" ;;
         dpruner-matrix~seed*) seed_stage2 "$seed"; mask "$1" "$OUT/lomo~seed$seed/importance" ;;
         dpruner-obs~seed*) seed_stage2 "$seed"
-            prune "$1" dpruner-obs --scores "$OUT/lomo~seed$seed/importance" --selection mask --sparsity "$SPARSITY" \
+            prune "$1" dpruner-obs --scores "$OUT/lomo~seed$seed/importance" "${OBS_CHOICE[@]}" --sparsity "$SPARSITY" \
                 "${MIX[@]}" "${CALIBRATION[@]}" --seed "$seed" ;;
         *) echo "error: no recipe for row $1" >&2; exit 2 ;;
     esac

@@ -30,14 +30,17 @@ from dpruner.methods.mixcal import MixCal
 from dpruner.obs import obs_prune
 
 SELECTIONS = ("mask", "saliency", "blend")
-DEFAULT_BLEND = 0.5  # ours: an even geometric mean of the two rankings when --blend is not given
+# Ours, chosen on validation text of both domains (docs/RESULTS.md 10e): the even geometric mean of the
+# OBS saliency and the dual importance beat mask, saliency and b = 0.25 / 0.75 on every validation text.
+DEFAULT_SELECTION = "blend"
+DEFAULT_BLEND = 0.5
 
 
 @register
 class DPrunerOBS(MixCal):
     name = "dpruner-obs"
 
-    def __init__(self, sparsity: float, scores: str | os.PathLike, selection: str = "mask",
+    def __init__(self, sparsity: float, scores: str | os.PathLike, selection: str = DEFAULT_SELECTION,
                  blend: float | None = None, **options) -> None:
         if selection not in SELECTIONS:
             raise DPrunerError(f"--selection {selection!r} is not one of {', '.join(SELECTIONS)}")

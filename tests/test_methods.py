@@ -56,9 +56,9 @@ def zero_set(weight: torch.Tensor) -> set[int]:
     return {i for i, value in enumerate(weight.flatten().tolist()) if value == 0.0}
 
 
-def random_score_folder(folder: Path, model, seed: int = 0) -> Path:
+def random_score_folder(folder: Path, model, seed: int = 0, signed: bool = False) -> Path:
     gen = torch.Generator().manual_seed(seed)
-    layers = [{name: torch.rand(linear.weight.shape, generator=gen)
+    layers = [{name: torch.rand(linear.weight.shape, generator=gen) - (0.5 if signed else 0.0)
                for name, linear in projection_modules(layer).items()} for layer in decoder_layers(model)]
     return save_score_folder(folder, layers, kind="dual_importance", model="tiny", settings={})
 
@@ -197,6 +197,9 @@ def test_dpruner_obs_blend_ends_are_mixcal_and_the_saliency_selection(tmp_path):
             get_method("dpruner-obs", sparsity=0.5, scores=folder, selection="blend", blend=bad)
     with pytest.raises(DPrunerError, match="--blend only applies to --selection blend"):
         get_method("dpruner-obs", sparsity=0.5, scores=folder, selection="mask", blend=0.5)
+    signed = random_score_folder(tmp_path / "signed", model, seed=7, signed=True)
+    with pytest.raises(DPrunerError, match="negative ones"):
+        pruned_weights(get_method("dpruner-obs", sparsity=0.5, scores=signed), sets)
 
 
 # --- MixCal -----------------------------------------------------------------------------------------------

@@ -70,6 +70,9 @@ class DPrunerOBS(MixCal):
     def prune(self, layer: int, module_name: str, weight: torch.Tensor,
               stats: dict[str, LayerStats] | None) -> LayerOutcome:
         importance = self.dual.scores(layer, module_name, weight, None).float()
+        if self.selection == "blend" and bool((importance < 0).any()):
+            raise DPrunerError(f"--selection blend takes the log of the scores, but layer {layer} {module_name} of "
+                               f"{self.score_set.folder} has negative ones; use --selection mask or saliency")
         hessian = self.hessian(stats)
         sparsity = self.sparsity_at(layer)
         if self.selection == "mask":

@@ -127,8 +127,6 @@ def check_arguments(args: Namespace) -> None:
     for option, methods in METHOD_OPTIONS.items():
         if getattr(args, option) is not None and args.method not in methods:
             raise DPrunerError(f"--{option} applies to {', '.join(methods)}, not {args.method}")
-    if args.blend is not None and ((args.selection or DEFAULT_SELECTION) != "blend" or not 0.0 <= args.blend <= 1.0):
-        raise DPrunerError(f"--blend {args.blend} needs --selection blend and a value in [0, 1]")
     if args.method in METHOD_OPTIONS["scores"] and args.scores is None:
         raise DPrunerError(f"method {args.method} needs --scores DIR (stage-2 output or another score folder)")
     if args.method == STRUCTURED:

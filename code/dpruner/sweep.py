@@ -134,6 +134,9 @@ class Stage2Run:
         return f"lambda{self.lam!r}" if self.form == NO_REGULARIZER else f"{self.form}-lambda{self.lam!r}"
 
 
+LAMBDA0_RUN = Stage2Run(NO_REGULARIZER, 0.0)  # the shared reference run of every form
+
+
 @dataclass
 class SweepConfig:
     kind: str
@@ -241,7 +244,7 @@ class SweepConfig:
 
     def stage2_runs(self) -> list[Stage2Run]:
         """lambda = 0 once (no regularizer), then every form at every other lambda."""
-        runs = [Stage2Run(NO_REGULARIZER, 0.0)] if 0.0 in self.lambdas else []
+        runs = [LAMBDA0_RUN] if 0.0 in self.lambdas else []
         return runs + [Stage2Run(form, lam) for form in self.forms for lam in self.lambdas if lam]
 
     def recipe(self, point: Point) -> dict[str, Any]:
@@ -656,8 +659,7 @@ def update_lambda_jaccards(config: SweepConfig, points: Sequence[Point]) -> None
     """For every lambda point whose stage 2 and lambda = 0's are complete: the pooled Jaccard of its pruned
     positions against lambda = 0's at the same sparsity, from the two score folders (the masks
     save_model.py derives, one layer at a time), written once to OUT/jaccard/<point>.json."""
-    reference = Stage2Run(NO_REGULARIZER, 0.0)
-    if config.kind != "lambda" or 0.0 not in config.lambdas or not _stage2_complete(config, reference):
+    if config.kind != "lambda" or 0.0 not in config.lambdas or not _stage2_complete(config, LAMBDA0_RUN):
         return
     from dpruner.analysis import ALL, MaskOptions, ScoreMasks, count_masks, jaccard_rows
 
@@ -670,7 +672,7 @@ def update_lambda_jaccards(config: SweepConfig, points: Sequence[Point]) -> None
             continue
         options = MaskOptions(sparsity=point.sparsity, scope="matrix")  # save_model.py's per-matrix masks
         sources = [ScoreMasks(run.name, config.stage2_dir(run) / "importance", options)
-                   for run in (reference, point.stage2)]
+                   for run in (LAMBDA0_RUN, point.stage2)]
         pooled = next(r for r in jaccard_rows(count_masks(sources)) if r["layer"] == ALL and r["module"] == ALL)
         write_json(path, {"form": point.form, "lambda": point.lam, "sparsity": point.sparsity, "against": 0.0,
                           "jaccard": pooled["jaccard"], "random_jaccard": pooled["random_jaccard"]})

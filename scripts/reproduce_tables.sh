@@ -43,16 +43,20 @@ source "$(dirname "$0")/_settings.sh"
 CALIBRATION=(--nsamples "$NSAMPLES" --seqlen "$SEQLEN" --windowing "$WINDOWING")
 # ROWS is the table's display order. Rows are built and evaluated one at a time in EVAL_ORDER, so a run
 # stopped by STOP_AFTER_MIN (minutes; no new row starts after it) has the most useful ones: the three the
-# evaluation issue's target compares (SparseGPT, MixCal, D-Pruner-OBS), D-Pruner and dense, the other
-# methods it asks for, the seeds, then the extra ablations.
+# evaluation issue's target compares (SparseGPT, MixCal, D-Pruner-OBS) and then their seeds, so that the
+# target rests on 3 seeds first; D-Pruner and dense, the other methods it asks for, D-Pruner's seeds, then
+# the extra ablations.
 ROWS="dense magnitude sparsegpt wanda llm-pruner mixcal dpruner-matrix dpruner-iterative dpruner-upstream
 dpruner-squared-grad dpruner-obs dpruner-obs-mask dpruner-obs-saliency dpruner-noreg general-only domain-only"
 ROWS="$(echo $ROWS)"
 UNSTRUCTURED="${ROWS/dense /}"; UNSTRUCTURED="${UNSTRUCTURED/llm-pruner /}"
-SEED_ROWS=""
-for seed in ${SEEDS:-}; do SEED_ROWS="$SEED_ROWS sparsegpt~seed$seed mixcal~seed$seed dpruner-matrix~seed$seed dpruner-obs~seed$seed"; done
-EVAL_ORDER="sparsegpt mixcal dpruner-obs dpruner-matrix dense wanda magnitude dpruner-upstream dpruner-squared-grad
-$SEED_ROWS dpruner-iterative llm-pruner dpruner-obs-mask dpruner-obs-saliency dpruner-noreg general-only domain-only"
+TARGET_SEED_ROWS="" DPRUNER_SEED_ROWS=""
+for seed in ${SEEDS:-}; do
+    TARGET_SEED_ROWS="$TARGET_SEED_ROWS dpruner-obs~seed$seed mixcal~seed$seed sparsegpt~seed$seed"
+    DPRUNER_SEED_ROWS="$DPRUNER_SEED_ROWS dpruner-matrix~seed$seed"
+done
+EVAL_ORDER="sparsegpt mixcal dpruner-obs $TARGET_SEED_ROWS dpruner-matrix dense wanda magnitude dpruner-upstream
+dpruner-squared-grad $DPRUNER_SEED_ROWS dpruner-iterative llm-pruner dpruner-obs-mask dpruner-obs-saliency dpruner-noreg general-only domain-only"
 # The original code's formulas (config/args_lomo_upstream.yaml's D-Pruner keys) on this run's settings.
 UPSTREAM_FORM="regularizer=upstream importance_formula=upstream importance_accumulate=upstream loss_scale=65536
 general_importance_norm=none general_importance_dtype=float32"

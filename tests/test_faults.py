@@ -43,6 +43,16 @@ SEED = int(os.environ.get("DPRUNER_FAULT_SEED", time.time_ns() % 1_000_000))
 VOLATILE = ("seconds", "summary", "command", "this_run", "examples_file", "models", "settings", "versions")
 
 
+@pytest.fixture(autouse=True)
+def sigint_raises_keyboard_interrupt():
+    """A SIGINT must reach the code as a KeyboardInterrupt, as in a terminal. A process started in the
+    background by a non-interactive shell (`cmd &`, nohup) inherits SIGINT ignored, and Python keeps it
+    so; without this the injected SIGINTs would be lost and the run would complete."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, embedded_model):
     root = tmp_path_factory.mktemp("fault_inputs")

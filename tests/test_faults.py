@@ -43,16 +43,6 @@ SEED = int(os.environ.get("DPRUNER_FAULT_SEED", time.time_ns() % 1_000_000))
 VOLATILE = ("seconds", "summary", "command", "this_run", "examples_file", "models", "settings", "versions")
 
 
-@pytest.fixture(autouse=True)
-def sigint_raises_keyboard_interrupt():
-    """A SIGINT must reach the code as a KeyboardInterrupt, as in a terminal. A process started in the
-    background by a non-interactive shell (`cmd &`, nohup) inherits SIGINT ignored, and Python keeps it
-    so; without this the injected SIGINTs would be lost and the run would complete."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, embedded_model):
     root = tmp_path_factory.mktemp("fault_inputs")
@@ -100,14 +90,18 @@ def _stable(path: Path) -> dict:
 
 def _inprocess(capsys, monkeypatch, argv: list, fault: str | None = None):
     """Run in-process on one thread (as the subprocesses), optionally with a fault point; returns the
-    result and the number of atomic writes it made."""
+    result and the number of atomic writes it made. An injected SIGINT must arrive as a KeyboardInterrupt,
+    as in a terminal: pytest started in the background by a non-interactive shell (`cmd &`, nohup)
+    inherits SIGINT ignored, and Python keeps it so, so the handler is set here for the run."""
     monkeypatch.setenv(FAULT_AT_WRITE_ENV, fault or f"{10 ** 9}:KILL")
     monkeypatch.setattr(dpruner.io, "_writes", 0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         result = run_inprocess(capsys, *argv)
     finally:
+        signal.signal(signal.SIGINT, sigint)
         torch.set_num_threads(threads)
         monkeypatch.delenv(FAULT_AT_WRITE_ENV)
     return result, dpruner.io._writes

@@ -206,6 +206,25 @@ def test_tradeoff_curves_start_every_form_at_the_shared_lambda0():
     assert [r["lambda"] for r in curves["upstream", 0.6]] == [0.0]
 
 
+def test_tradeoff_plot_of_a_sweep_with_only_its_dense_row_warns_nothing(tmp_path):
+    """A resumed sweep replots after every point, so the first plot has the dense star and no curve."""
+    import warnings
+
+    from dpruner.sweep import _key, headline_columns, plot_tradeoff
+
+    config = SweepConfig(kind="lambda", model="m", domain="legal", out=tmp_path, sparsities=[0.5], lambdas=[0.0, 1.0],
+                         general_importance=tmp_path / "gi", split="validation")
+    columns = [c for c in config.columns() if c.task == "general_validation_perplexity"] + [headline_columns(config)[0]]
+    dense = {"method": "dense", "form": "", "lambda": "", "sparsity": 0.0}
+    for column in columns:
+        key = _key(column.title)
+        dense.update({key: 20.0, key + "_ci95_low": 19.0, key + "_ci95_high": 21.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_tradeoff([dense], tmp_path / "tradeoff.png", config)
+    assert (tmp_path / "tradeoff.png").stat().st_size > 0
+
+
 def test_validation_split_evaluates_only_validation_texts(tmp_path):
     config = SweepConfig(kind="lambda", model="m", domain="legal", out=tmp_path, sparsities=[0.5], lambdas=[0.0, 1.0],
                          general_importance=tmp_path / "gi", split="validation")

@@ -638,7 +638,8 @@ def plot_tradeoff(rows: Sequence[dict[str, Any]], path: Path, config: SweepConfi
     ax_jaccard.set(xlabel="λ", ylabel="Jaccard of pruned weights vs λ = 0", title="how much λ changes the mask")
     for axis in (ax, ax_jaccard):
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        if axis.get_legend_handles_labels()[0]:  # a partial sweep's plot may have no curve yet
+            axis.legend(fontsize=8)
     fig.suptitle(f"{config.domain}: lambda sweep on {config.split} text")
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")

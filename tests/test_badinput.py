@@ -259,6 +259,8 @@ CASES: dict[str, tuple[Callable[[World, Path], list], str]] = {
                              "casehold.json: expected an evaluation result"),
     "tables_metric_not_number": (lambda w, t: ["make_tables.py", result_file(w, t, {"metrics": {
         "accuracy": "high", "macro_f1": 0.1}}), "--domain", "legal"], "'CaseHOLD acc' is 'high'; expected a number"),
+    "tables_percent_of_not_a_row": (lambda w, t: ["make_tables.py", w.results, "--domain", "legal", "--percent-of",
+                                                  "wanda"], "percent_of='wanda' is not a row of the table"),
     # --- provenance: scores of another model with the same shapes ---
     "stage3_scores_of_other_model": (lambda w, t: ["save_model.py", w.model, w.other_scores, t / "p"],
                                      "was computed for another model"),

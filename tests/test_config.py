@@ -102,6 +102,11 @@ def test_table_shows_values_and_percent_of_dense(tmp_path):
     assert "95 % bootstrap interval" in markdown  # the legend; these results have no per-unit rows
     assert markdown.splitlines()[2].startswith("| Dense | 0.0 / 0.0 | 10.000 |")
     assert "BillSum" not in markdown  # columns without any result are left out
-    assert "wanda,Wanda,0.5,0.4,CaseHOLD acc,0.3,75.0,,,,,,," in to_csv(table)
+    assert "wanda,Wanda,0.5,0.4,CaseHOLD acc,0.3,75.0,dense,,,,,,," in to_csv(table)
     with pytest.raises(DPrunerError, match="no results for row"):
         build_table(load_results(tmp_path), "legal", ["dense", "magnitude"])
+    against_wanda = build_table(load_results(tmp_path), "legal", ["dense", "wanda"], percent_of="wanda")
+    assert "| Dense | 0.0 / 0.0 | 10.000 (80.0%) | 11.000 (81.5%) | 40.00 (133.3%) | 20.00 (133.3%) |" \
+        in to_markdown(against_wanda)
+    assert "percentage of Wanda's" in to_markdown(against_wanda)
+    assert "dense,Dense,0.0,0.0,CaseHOLD acc,0.4,133.33333333333334,wanda,,,,,,," in to_csv(against_wanda)

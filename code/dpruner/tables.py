@@ -1,6 +1,6 @@
 """Result tables: read evaluation JSONs laid out as RESULTS/<row label>/<task>.json and print the
 paper-style table as markdown and CSV. Every cell shows the value, its 95 % bootstrap interval over the
-evaluation units (the `.examples.jsonl` beside each result), its % of dense, and `*` where a paired
+evaluation units (the `.examples.jsonl` beside each result), its % of dense (or of another row), and `*` where a paired
 bootstrap against the reference row (SparseGPT by default) excludes a zero difference. Rows named
 `<label>~seed<N>` are seeds of one method: they are summarised as mean ± s.d. (`seed_table`)."""
 
@@ -204,6 +204,7 @@ class Table:
     columns: list[Column]
     rows: list[tuple[str, dict[str, Cell], dict[str, Any]]]  # label, cells by column title, sparsity
     reference: str | None = None  # the row the paired tests compare against
+    percent_base: str | None = DENSE  # the row each value is shown as a percentage of (None or absent: no percentages)
 
     def value(self, label: str, column: Column) -> float | None:
         return next(cells for name, cells, _ in self.rows if name == label)[column.title].value
@@ -232,16 +233,20 @@ def _default_order(results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
 
 def build_table(results: dict[str, dict[str, dict[str, Any]]], domain: str,
                 labels: Sequence[str] | None = None, reference: str | None = DEFAULT_REFERENCE,
-                columns: Sequence[Column] | None = None) -> Table:
+                columns: Sequence[Column] | None = None, percent_of: str = DENSE) -> Table:
     """The table for `labels` (default: every non-seed row, dense first). `reference` (when it is a
     row) is the method every other row is paired against. `domain`: a shipped name or a spec YAML;
-    `columns` replaces its layout (the sweep's validation columns)."""
+    `columns` replaces its layout (the sweep's validation columns). `percent_of`: the row each value is
+    shown as a percentage of; dense by default (no percentages when dense is not a row), any other
+    label must be a row (e.g. the reference, so a change against it comes from the table itself)."""
     layout = list(columns) if columns is not None else domain_columns(domain)
     order = list(labels) if labels else [l for l in _default_order(results) if SEED_SEPARATOR not in l]
     missing = [label for label in order if label not in results]
     if missing:
         raise DPrunerError(f"no results for row(s) {', '.join(missing)}; have {', '.join(sorted(results))}")
     reference = reference if reference in order else None
+    if percent_of != DENSE and percent_of not in order:
+        raise DPrunerError(f"percent_of={percent_of!r} is not a row of the table; expected one of {', '.join(order)}")
     columns = [c for c in layout if any(c.task in results[label] for label in order)]
     reference_units = {c.title: _units(results[reference][c.task], c) if reference and c.task in results[reference]
                        else None for c in columns}
@@ -256,7 +261,7 @@ def build_table(results: dict[str, dict[str, dict[str, Any]]], domain: str,
             if result is not None and not sparsity:
                 sparsity = result.get("sparsity", {})
         rows.append((label, cells, sparsity))
-    return Table(domain, columns, rows, reference)
+    return Table(domain, columns, rows, reference, percent_of if percent_of in order else None)
 
 
 def _number(value: float, column: Column) -> str:
@@ -272,13 +277,13 @@ def _format(cell: Cell, column: Column) -> str:
     return text
 
 
-def _percent_of_dense(table: Table, label: str, column: Column) -> str:
-    has_dense = any(name == DENSE for name, _, _ in table.rows)
+def _percent_of_base(table: Table, label: str, column: Column) -> float | None:
+    """`label`'s value as a percentage of the base row's (None for the base itself or a missing value)."""
+    base = table.value(table.percent_base, column) if table.percent_base else None
     value = table.value(label, column)
-    dense = table.value(DENSE, column) if has_dense else None
-    if label == DENSE or value is None or not dense:
-        return ""
-    return f" ({100 * value / dense:.1f}%)"
+    if label == table.percent_base or value is None or not base:
+        return None
+    return 100 * value / base
 
 
 def _significance(cell: Cell) -> str:
@@ -297,6 +302,8 @@ def legend(table: Table) -> str:
     """What the brackets and stars mean, for the line under a table."""
     reference = ROW_NAMES.get(table.reference, table.reference) if table.reference else None
     text = "[low, high]: 95 % bootstrap interval over examples (perplexity: over scored windows)"
+    if table.percent_base:
+        text += f"; (N%): the value as a percentage of {ROW_NAMES.get(table.percent_base, table.percent_base)}'s"
     if reference:
         text += f"; * the paired-bootstrap 95 % interval of the difference to {reference} excludes 0 " \
                 "(no star: no difference within the noise)"
@@ -308,8 +315,10 @@ def to_markdown(table: Table) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, cells, sparsity in table.rows:
         row = [ROW_NAMES.get(label, label), _sparsity_cell(sparsity)]
-        row += [_format(cells[c.title], c) + _percent_of_dense(table, label, c) + _significance(cells[c.title])
-                for c in table.columns]
+        for column in table.columns:
+            percent = _percent_of_base(table, label, column)
+            row.append(_format(cells[column.title], column) + (f" ({percent:.1f}%)" if percent is not None else "")
+                       + _significance(cells[column.title]))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n\n" + legend(table) + "\n"
 
@@ -317,20 +326,19 @@ def to_markdown(table: Table) -> str:
 def to_csv(table: Table) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["label", "method", "projection_sparsity", "overall_sparsity", "column", "value", "percent_of_dense",
-                     "ci95_low", "ci95_high", "reference", "diff_vs_reference", "diff_ci95_low", "diff_ci95_high",
-                     "diff_p_value"])
-    has_dense = any(name == DENSE for name, _, _ in table.rows)
+    writer.writerow(["label", "method", "projection_sparsity", "overall_sparsity", "column", "value", "percent_of_base",
+                     "percent_base", "ci95_low", "ci95_high", "reference", "diff_vs_reference", "diff_ci95_low",
+                     "diff_ci95_high", "diff_p_value"])
     for label, cells, sparsity in table.rows:
         for column in table.columns:
             cell = cells[column.title]
-            dense = table.value(DENSE, column) if has_dense else None
-            ratio = 100 * cell.value / dense if cell.value is not None and dense else None
+            percent = _percent_of_base(table, label, column)
             ci = (cell.interval.low, cell.interval.high) if cell.interval else (None, None)
             paired = cell.versus_reference
             diff = (paired.difference, paired.low, paired.high, paired.p_value) if paired else (None,) * 4
             writer.writerow([label, ROW_NAMES.get(label, label), sparsity.get("projection_sparsity"),
-                             sparsity.get("overall_sparsity"), column.title, cell.value, ratio, *ci,
+                             sparsity.get("overall_sparsity"), column.title, cell.value, percent,
+                             table.percent_base if percent is not None else None, *ci,
                              table.reference if paired else None, *diff])
     return buffer.getvalue()
 

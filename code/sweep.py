@@ -15,8 +15,10 @@ the lambda sweep adds each point's mask Jaccard against lambda = 0 (jaccard/<poi
 column) and tradeoff.png (domain ppl against general ppl, one curve per form through its lambdas, with 95 %
 intervals).
 A rerun resumes: finished points are reused, and one recorded with other settings is an error (--fresh
-starts over; the lists of methods, sparsities and lambdas may change). Pruned models (540 MB each for the
-embedded model) are deleted after their evaluation unless --keep-models.
+starts over; the lists of methods, forms, sparsities and lambdas may change). The results cover every finished
+point of the folder that this call's settings would compute the same way, so forms can be swept in separate
+calls, each on its own lambda grid; earlier points of other settings are named and left out. Pruned models
+(540 MB each for the embedded model) are deleted after their evaluation unless --keep-models.
 
 Examples:
   python code/sweep.py sparsity smollm2-135m --domain legal --methods magnitude,wanda,sparsegpt,dpruner \\

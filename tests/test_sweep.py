@@ -184,6 +184,40 @@ def test_lambda_sweep_runs_stage2_per_form_and_lambda_and_masks_per_sparsity(tmp
     assert many.recipe(many.points()[1])["stage2"]["regularizer"] == "none"
 
 
+def test_forms_swept_in_separate_calls_share_one_results_table(tmp_path):
+    """Each form may run on its own lambda grid in its own call; the results cover every finished point of
+    the folder with this call's settings, and name the points computed otherwise instead of mixing them."""
+    from dpruner.io import write_json
+    from dpruner.sweep import _prepare, curve_forms, earlier_points
+
+    def lambda_config(forms, lambdas, train_args=("max_steps=2",)):
+        return SweepConfig(kind="lambda", model="m", domain="legal", out=tmp_path, sparsities=[0.5], lambdas=lambdas,
+                           forms=forms, general_importance=tmp_path / "gi", train_args=list(train_args))
+
+    first = lambda_config(["anchor"], [0.0, 10.0])
+    _prepare(first, first.points())
+    for point in first.points():  # what _run_point leaves: the recipe, then every task's result
+        write_json(first.recipe_path(point), first.recipe(point))
+        for task in first.tasks():
+            write_json(first.result_path(point, task), {})
+    other = lambda_config(["squared_grad"], [0.0, 1.0], train_args=("max_steps=3",))
+    unfinished = other.points()[-1]
+    write_json(other.recipe_path(unfinished), other.recipe(unfinished))
+
+    second = lambda_config(["grad_penalty"], [0.0, 0.1])
+    same, other_settings = earlier_points(second, second.points())
+    assert [p.label for p in same] == ["anchor-lambda10.0-s0.5"], "lambda = 0 and dense are this call's own"
+    assert same[0] == first.points()[-1]
+    assert other_settings == ["squared_grad-lambda1.0-s0.5"], "other train_args: named, never mixed in"
+    assert second.point_of(first.recipe(first.points()[-1])) == first.points()[-1]
+    assert second.point_of(first.recipe(first.points()[0])) is None, "the dense recipe is no pruned point"
+    rows = [{"method": p.method, "form": p.form} for p in [*second.points(), *same]]
+    assert curve_forms(rows, second) == ["grad_penalty", "anchor"], "one trade-off curve per form of the folder"
+    sparsity = SweepConfig(kind="sparsity", model="m", domain="legal", out=tmp_path, sparsities=[0.5],
+                           methods=["magnitude"])
+    assert sparsity.point_of(first.recipe(first.points()[-1])) is None, "another kind of sweep's point"
+
+
 def test_every_form_passes_the_stage2_config_check(tiny_llama_dir, scores_dir, tmp_path):
     config = SweepConfig(kind="lambda", model=str(tiny_llama_dir), domain="legal", out=tmp_path, sparsities=[0.5],
                          lambdas=[0.0, 1.0], forms=["anchor", "grad_penalty", "squared_grad", "upstream"],

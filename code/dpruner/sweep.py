@@ -137,6 +137,14 @@ class Stage2Run:
 LAMBDA0_RUN = Stage2Run(NO_REGULARIZER, 0.0)  # the shared reference run of every form
 
 
+def _method_point(method: str, sparsity: float, blend: float | None = None) -> Point:
+    return Point(f"{method}{'' if blend is None else repr(blend)}-s{sparsity!r}", method, sparsity, blend=blend)
+
+
+def _lambda_point(run: Stage2Run, sparsity: float) -> Point:
+    return Point(f"{run.name}-s{sparsity!r}", LAMBDA_METHOD, sparsity, run.lam, run.form)
+
+
 @dataclass
 class SweepConfig:
     kind: str
@@ -235,12 +243,24 @@ class SweepConfig:
         """The dense reference first, then every (method or lambda, sparsity) pair in the given order."""
         points = [Point(DENSE, DENSE, 0.0)]
         if self.kind == "sparsity":
-            points += [Point(f"{m}{'' if b is None else repr(b)}-s{s!r}", m, s, blend=b) for m in self.methods
+            points += [_method_point(m, s, b) for m in self.methods
                        for b in (self.blends if m == BLEND_METHOD else [None]) for s in self.sparsities]
         else:
-            points += [Point(f"{run.name}-s{s!r}", LAMBDA_METHOD, s, run.lam, run.form)
-                       for run in self.stage2_runs() for s in self.sparsities]
+            points += [_lambda_point(run, s) for run in self.stage2_runs() for s in self.sparsities]
         return points
+
+    def point_of(self, recipe: dict[str, Any]) -> Point | None:
+        """The pruned point a recipe file describes (an earlier call's, e.g. of another form or lambda) if this
+        call would give it the same recipe, else None: points computed with other settings never mix."""
+        try:
+            if self.kind == "lambda":
+                run = Stage2Run(recipe["stage2"]["regularizer"], float(recipe["stage2"]["lambda"]))
+                point = _lambda_point(run, float(recipe["sparsity"]))
+            else:
+                point = _method_point(recipe["method"], float(recipe["sparsity"]), recipe.get("blend"))
+        except (KeyError, TypeError, ValueError):  # the dense row, or a recipe of the other kind of sweep
+            return None
+        return point if self.recipe(point) == recipe else None
 
     def stage2_runs(self) -> list[Stage2Run]:
         """lambda = 0 once (no regularizer), then every form at every other lambda."""
@@ -462,6 +482,12 @@ def run_sweep(config: SweepConfig) -> list[dict[str, Any]]:
     config.check()
     points = config.points()
     _prepare(config, points)
+    earlier, other_settings = earlier_points(config, points)
+    if earlier:
+        tqdm.write(f"results also cover {len(earlier)} finished points of earlier calls on {config.out}")
+    if other_settings:
+        tqdm.write(f"results leave out {len(other_settings)} earlier points of {config.out} computed with other "
+                   f"settings (e.g. {other_settings[0]})")
     bar = tqdm(points, desc=f"{config.kind} sweep", unit="point")
     for point in bar:
         bar.set_postfix_str(point.label)
@@ -470,9 +496,28 @@ def run_sweep(config: SweepConfig) -> list[dict[str, Any]]:
         else:
             _run_point(config, point)
         update_lambda_jaccards(config, points)
-        rows = write_results(config, points)
+        rows = write_results(config, [*points, *earlier])
     bar.close()
     return rows
+
+
+def earlier_points(config: SweepConfig, points: Sequence[Point]) -> tuple[list[Point], list[str]]:
+    """(finished points of earlier calls on this folder that this call would compute the same way, labels of
+    the others), so that forms swept in separate calls, each on its own lambda grid, share one results.csv,
+    table.md and trade-off plot, and points of other settings are named rather than mixed in."""
+    known = {point.label for point in points}
+    same: list[Point] = []
+    other: list[str] = []
+    for path in sorted((config.out / "recipes").glob("*.json")):
+        if path.stem in known:
+            continue
+        point = config.point_of(read_json(path))
+        if point is None or point.label != path.stem:
+            other.append(path.stem)
+        elif config.finished(point):
+            same.append(point)
+    same.sort(key=lambda p: (p.method, p.form, p.lam or 0.0, p.blend or 0.0, p.sparsity))
+    return same, other
 
 
 # ---------- results ----------
@@ -605,6 +650,12 @@ def tradeoff_curves(rows: Sequence[dict[str, Any]], forms: Sequence[str]) -> dic
             for form in forms for sparsity in sparsities}
 
 
+def curve_forms(rows: Sequence[dict[str, Any]], config: SweepConfig) -> list[str]:
+    """This call's forms, then those of earlier calls' rows: one trade-off curve each."""
+    return list(dict.fromkeys([*config.forms, *(r["form"] for r in rows
+                                                if r["method"] != DENSE and r["form"] != NO_REGULARIZER)]))
+
+
 def plot_tradeoff(rows: Sequence[dict[str, Any]], path: Path, config: SweepConfig) -> None:
     """The lambda sweep's generality / specificity trade-off: domain ppl against general ppl, one curve per
     (form, sparsity) through its lambdas from the shared lambda = 0, with 95 % intervals as error bars, and
@@ -615,7 +666,7 @@ def plot_tradeoff(rows: Sequence[dict[str, Any]], path: Path, config: SweepConfi
     x_key, y_key = _key(general_column.title), _key(domain_column.title)
     fig, (ax, ax_jaccard) = plt.subplots(1, 2, figsize=(11, 4.5))
     pruned = [r for r in rows if r["method"] != DENSE and _finite(r[x_key]) and _finite(r[y_key])]
-    for index, ((form, sparsity), members) in enumerate(tradeoff_curves(pruned, config.forms).items()):
+    for index, ((form, sparsity), members) in enumerate(tradeoff_curves(pruned, curve_forms(pruned, config)).items()):
         xs, ys = [r[x_key] for r in members], [r[y_key] for r in members]
         xerr = [[x - (r[x_key + "_ci95_low"] or x) for x, r in zip(xs, members)],
                 [(r[x_key + "_ci95_high"] or x) - x for x, r in zip(xs, members)]]

@@ -34,13 +34,11 @@
 #
 # Usage: scripts/reproduce_tables.sh legal|medical [MODEL] [--quick|--tiny|--standard] [--out DIR] [--fresh]
 #   the arguments, settings and output folder of scripts/pipeline.sh (see its --help); every setting in
-#   scripts/_settings.sh can be overridden with an environment variable of that name
+#   scripts/_settings.sh can be overridden with an environment variable of that name; ONLY_ROWS="label ..."
+#   runs just those rows (e.g. ONLY_ROWS="dense wanda" or, with SEEDS="1 2", "dpruner-matrix~seed1")
 set -euo pipefail
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 ARGS=("$@")
-source "$(dirname "$0")/_settings.sh"
-
-CALIBRATION=(--nsamples "$NSAMPLES" --seqlen "$SEQLEN" --windowing "$WINDOWING")
 # ROWS is the table's display order. Rows are built and evaluated one at a time in EVAL_ORDER, so a run
 # stopped by STOP_AFTER_MIN (minutes; no new row starts after it) has the most useful ones: the three the
 # evaluation issue's target compares (SparseGPT, MixCal, D-Pruner-OBS) and then their seeds, so that the
@@ -57,6 +55,21 @@ for seed in ${SEEDS:-}; do
 done
 EVAL_ORDER="sparsegpt mixcal dpruner-obs $TARGET_SEED_ROWS dpruner-matrix dense wanda magnitude dpruner-upstream
 dpruner-squared-grad $DPRUNER_SEED_ROWS dpruner-iterative llm-pruner dpruner-obs-mask dpruner-obs-saliency dpruner-noreg general-only domain-only"
+# ONLY_ROWS="label ...": build and evaluate just these rows (still in EVAL_ORDER's order), e.g. the rows a
+# table still lacks, without starting the extra ablations after them.
+if [ -n "${ONLY_ROWS:-}" ]; then
+    for label in $ONLY_ROWS; do
+        case " $(echo $EVAL_ORDER) " in *" $label "*) ;;
+            *) echo "error: ONLY_ROWS names '$label', which is not a row here (with SEEDS='${SEEDS:-}'): $(echo $EVAL_ORDER)" >&2
+               exit 2 ;;
+        esac
+    done
+    EVAL_ORDER="$(for label in $EVAL_ORDER; do case " $(echo $ONLY_ROWS) " in *" $label "*) echo "$label" ;; esac; done)"
+fi
+# (after the row checks, so a misnamed row changes no folder)
+source "$(dirname "$0")/_settings.sh"
+
+CALIBRATION=(--nsamples "$NSAMPLES" --seqlen "$SEQLEN" --windowing "$WINDOWING")
 # The original code's formulas (config/args_lomo_upstream.yaml's D-Pruner keys) on this run's settings.
 UPSTREAM_FORM="regularizer=upstream importance_formula=upstream importance_accumulate=upstream loss_scale=65536
 general_importance_norm=none general_importance_dtype=float32"

@@ -4,7 +4,8 @@
 
 Every cell shows the value, its 95 % bootstrap interval, its percentage of the dense model's value (or
 of the --percent-of row's), and `*` where the paired bootstrap against --reference (SparseGPT) excludes 0.
-Rows named <label>~seed<N> are summarised in a second table as mean ± s.d. over seeds.
+Rows named <label>~seed<N> are summarised in a second table as mean ± s.d. over seeds, with the same
+--percent-of base and, per seed, the paired test against --reference's row of the same seed.
 
 Example: python code/make_tables.py outputs/legal/eval --domain legal --md outputs/legal/table.md
 """
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     columns = validation_columns(args.domain) if args.split == "validation" else None
     check_results(folder, results, args.domain, columns)
     table = build_table(results, args.domain, labels, args.reference, columns=columns, percent_of=args.percent_of)
-    seeds = seed_table(results, args.domain)
+    seeds = seed_table(results, args.domain, args.reference, args.percent_of)
     markdown = to_markdown(table) + (f"\nMean ± s.d. over seeds:\n\n{seeds}" if seeds else "")
     for path, text in ((args.md, markdown), (args.csv, to_csv(table))):
         if path:

@@ -160,6 +160,35 @@ def test_seed_rows_are_summarised_as_mean_and_sd(tmp_path):
         seed_table(load_results(tmp_path), "legal")
 
 
+def test_seed_table_pairs_each_seed_with_the_reference_row_of_that_seed(tmp_path):
+    """A claim over seeds counts the seeds whose paired bootstrap against the reference's row of the SAME
+    seed excludes 0, and the percentage is of the --percent-of method's mean over its own seeds."""
+    rng = np.random.default_rng(7)
+    base = {suffix: list(rng.random(200) < 0.5) for suffix in ("", "~seed1", "~seed2")}
+    for suffix, correct in base.items():
+        write_choice(tmp_path, "sparsegpt" + suffix, correct)
+    # far better at the default seed and seed 1, three flips (noise) at seed 2
+    write_choice(tmp_path, "mixcal", [True] * 200)
+    write_choice(tmp_path, "mixcal~seed1", [True] * 200)
+    noisy = [not c if i < 3 else c for i, c in enumerate(base["~seed2"])]
+    write_choice(tmp_path, "mixcal~seed2", noisy)
+    results = load_results(tmp_path)
+    rows = {line.split(" | ")[0].lstrip("| "): line
+            for line in seed_table(results, "legal", reference="sparsegpt", percent_of="sparsegpt").splitlines()
+            if line.startswith("| ")}
+    mixcal_acc = rows["MixCal (C4 + domain Hessians)"].split(" | ")[2]
+    assert "[better* in 2/3]" in mixcal_acc  # seed 2 is inside the noise, so it is not counted
+    mixcal_mean = np.mean([1.0, 1.0, np.mean(noisy)])
+    sparsegpt_mean = np.mean([np.mean(correct) for correct in base.values()])
+    assert f"({100 * mixcal_mean / sparsegpt_mean:.1f}%)" in mixcal_acc
+    assert "better*" not in rows["SparseGPT"] and "%)" not in rows["SparseGPT"]  # the reference is not paired with itself
+    write_choice(tmp_path, "wanda~seed1", [True] * 200)  # no same-seed partner for every seed: counts only pairs
+    write_choice(tmp_path, "wanda~seed3", [True] * 200)
+    wanda = [line for line in seed_table(load_results(tmp_path), "legal", reference="sparsegpt").splitlines()
+             if line.startswith("| Wanda")][0]
+    assert "[better* in 1/1]" in wanda.split(" | ")[2]
+
+
 def test_wikitext_validation_is_its_own_text():
     """Hyperparameters are chosen on WikiText-2 validation, which shares no row with the test text."""
     from dpruner.data import eval_sets

@@ -356,22 +356,73 @@ def seed_groups(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, list
     return {method: labels for method, labels in groups.items() if len(labels) >= 2}
 
 
-def seed_table(results: dict[str, dict[str, dict[str, Any]]], domain: str) -> str:
-    """Markdown: mean ± s.d. over seeds of every column, one row per method with >= 2 seed rows."""
+def _seed_suffix(label: str) -> str:
+    """'' for a method's default-seed row, else its `~seed<N>` part (what pairs it with another method's row)."""
+    return label[label.index(SEED_SEPARATOR):] if SEED_SEPARATOR in label else ""
+
+
+def _same_seed_verdict(results: dict[str, dict[str, dict[str, Any]]], labels: Sequence[str], reference: str,
+                       column: Column) -> str:
+    """How the method's seed rows compare with `reference`'s row of the same seed, one paired bootstrap
+    per seed both ran: "better* in 3/3", "no difference in 3/3", ... ('' without such a pair)."""
+    better = worse = pairs = 0
+    for label in labels:
+        partner = reference + _seed_suffix(label)
+        if column.task not in results[label] or column.task not in results.get(partner, {}):
+            continue
+        versus = _cell(results[label][column.task], column, _units(results[partner][column.task], column)).versus_reference
+        if versus is None:
+            continue
+        pairs += 1
+        if versus.significant:
+            better, worse = (better + 1, worse) if (versus.difference < 0) == column.lower_is_better else (better, worse + 1)
+    if not pairs:
+        return ""
+    parts = [f"{word}* in {count}/{pairs}" for word, count in (("better", better), ("worse", worse)) if count]
+    return ", ".join(parts) or f"no difference in {pairs}/{pairs}"
+
+
+def seed_table(results: dict[str, dict[str, dict[str, Any]]], domain: str, reference: str | None = None,
+               percent_of: str | None = None) -> str:
+    """Markdown: mean ± s.d. over seeds of every column, one row per method with >= 2 seed rows. With
+    `percent_of` (a method with seeds) each mean is also shown as a percentage of that method's mean; with
+    `reference`, each seed is paired with the reference's row of the same seed, so a claim over seeds
+    says in how many of them the difference is beyond the noise."""
     groups = seed_groups(results)
     if not groups:
         return ""
     columns = [c for c in domain_columns(domain) if any(c.task in results[l] for ls in groups.values() for l in ls)]
     head = ["Method", "seeds", *(c.title + (" ↓" if c.lower_is_better else " ↑") for c in columns)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    means = {method: {c.title: _seed_mean_and_sd(results, labels, c) for c in columns} for method, labels in groups.items()}
     for method, labels in groups.items():
         row = [ROW_NAMES.get(method, method), str(len(labels))]
         for column in columns:
-            values = [float(column.get(results[l][column.task])) for l in labels if column.task in results[l]]
-            if len(values) < 2:
+            spread = means[method][column.title]
+            if spread is None:
                 row.append("–")
                 continue
-            mean, sd = mean_and_sd(values)
-            row.append(f"{_number(mean, column)} ± {_number(sd, column)}")
+            base = means[percent_of][column.title] if percent_of in means and method != percent_of else None
+            verdict = _same_seed_verdict(results, labels, reference, column) if reference and method != reference else ""
+            row.append(f"{_number(spread[0], column)} ± {_number(spread[1], column)}"
+                       + (f" ({100 * spread[0] / base[0]:.1f}%)" if base and base[0] else "")
+                       + (f" [{verdict}]" if verdict else ""))
         lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + _seed_legend(reference if reference in groups else None,
+                                                   percent_of if percent_of in groups else None) + "\n"
+
+
+def _seed_mean_and_sd(results: dict[str, dict[str, dict[str, Any]]], labels: Sequence[str],
+                      column: Column) -> tuple[float, float] | None:
+    values = [float(column.get(results[l][column.task])) for l in labels if column.task in results[l]]
+    return mean_and_sd(values) if len(values) >= 2 else None
+
+
+def _seed_legend(reference: str | None, percent_of: str | None) -> str:
+    text = "mean ± s.d. over the seed rows (the default seed and `~seed<N>`)"
+    if percent_of:
+        text += f"; (N%): the mean as a percentage of {ROW_NAMES.get(percent_of, percent_of)}'s mean"
+    if reference:
+        text += f"; [better* in k/n]: of the n seeds both rows ran, the paired bootstrap against " \
+                f"{ROW_NAMES.get(reference, reference)}'s row of the same seed excludes 0 in k, in this direction"
+    return text + "."
